@@ -1,0 +1,1 @@
+"""The `evoclone` command line."""

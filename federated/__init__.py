@@ -1,0 +1,1 @@
+"""Machine learning for EvoClone: records, features, models, DP training, Flower apps."""

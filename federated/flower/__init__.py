@@ -1,0 +1,1 @@
+"""Flower ServerApp and ClientApp: thin, every tunable read from the run or node config."""

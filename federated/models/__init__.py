@@ -1,0 +1,1 @@
+"""Pure model code (no I/O)."""

@@ -1,0 +1,1 @@
+"""Privacy primitives: pseudonyms, date shifting, generalization, DP accounting, ledgers."""

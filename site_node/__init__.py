@@ -1,0 +1,1 @@
+"""The hospital's site node: ingest, anonymize, store, export training snapshots."""
