@@ -1,5 +1,64 @@
 """Entry point of the `evoclone` command."""
 
-import typer
+from __future__ import annotations
 
-app = typer.Typer(no_args_is_help=True, help="EvoClone: federated, private patient digital twins.")
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .data import data_app
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="EvoClone: federated, differentially private patient digital twins.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print a one-line error and return the exit to raise."""
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("./evoclone-demo"),
+    sites: Annotated[int, typer.Option(help="number of hospitals")] = 3,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
+    patients: Annotated[int, typer.Option(help="patients over all hospitals")] = 600,
+    epsilon: Annotated[float, typer.Option(help="privacy budget (epsilon) of every site")] = 3.0,
+    delta: Annotated[float, typer.Option(help="DP delta of every site")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="simulation and training seed")] = 7,
+    port: Annotated[int, typer.Option(help="SuperLink port; SuperNodes use the next ones (0: free ports)")] = 0,
+    force: Annotated[bool, typer.Option(help="replace the output of a previous demo")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print summary.json on stdout")] = False,
+) -> None:
+    """Simulate hospitals, train a DP twin outcome model across them with Flower, report.
+
+    Example: evoclone demo --sites 3 --rounds 3 --patients 600 --epsilon 3.0 --out ./evoclone-demo
+    """
+    from .demo import DemoInputError, DemoOptions, print_summary, run_demo
+
+    opts = DemoOptions(out=out, sites=sites, rounds=rounds, patients=patients, epsilon=epsilon, delta=delta,
+                       seed=seed, port=port, force=force)
+    try:
+        summary = run_demo(opts, console=err)
+    except DemoInputError as exc:
+        raise fail(str(exc), 2) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; every Flower process was stopped", 130) from None
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary, err)
+        err.print(f"summary: {out / 'summary.json'}   report: {out / 'report.html'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -160,3 +160,23 @@ def build_model(cfg: FusionConfig, seed: int = 0) -> FusionPredictor:
     """A freshly initialised predictor; the seed makes every site start from the same weights."""
     torch.manual_seed(seed)
     return FusionPredictor(cfg)
+
+
+def train_with_validation(model: FusionPredictor, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                          cfg: TrainConfig) -> int:
+    """Non-private training for up to `cfg.epochs`, keeping the epoch with the best validation loss.
+
+    Returns the chosen epoch (1-based). Used for the baselines so they are as strong as
+    their data allows.
+    """
+    best, best_state, best_epoch = float("inf"), None, 0
+    one = TrainConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    for epoch in range(1, cfg.epochs + 1):
+        train_plain(model, train, TrainConfig(**{**one.__dict__, "seed": cfg.seed + epoch}))
+        loss = mean_loss(model, val) if len(val["static"]) else -epoch
+        if loss < best:
+            best, best_epoch = loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best_epoch
