@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +81,11 @@ def validate(opts: DemoOptions) -> None:
         if not (out / MARKER).is_file():
             raise DemoInputError(f"--out {out} holds files not written by `evoclone demo`; refusing to delete them with --force")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DemoInputError(f"--out {out} is not writable ({parent} denies writing); choose another path")
+    try:  # a real probe: access() says yes to root even on read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise DemoInputError(f"--out {out} is not writable ({parent}: {exc.strerror}); choose another path") from None
     if opts.port:
         try:
             require_free(list(range(opts.port, opts.port + opts.sites + 1)))

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from .features import SPLITS
@@ -96,9 +95,15 @@ def train_plain(model: FusionPredictor, arrays: dict[str, np.ndarray], cfg: Trai
 def train_dp(model: FusionPredictor, arrays: dict[str, np.ndarray], cfg: TrainConfig, *,
              noise_multiplier: float, max_grad_norm: float) -> DPResult:
     """DP-SGD with Poisson sampling and per-sample clipping; the model is updated in place."""
+    from opacus import PrivacyEngine  # imported here: evaluation-only processes skip its cost
+    from opacus.validators import ModuleValidator
+
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier and max_grad_norm must be positive")
     torch.manual_seed(cfg.seed)
+    original = model
+    model = ModuleValidator.fix(model)  # nn.LSTM -> DPLSTM with the same weights and names
+    ModuleValidator.validate(model, strict=True)
     loader = DataLoader(to_dataset(arrays), batch_size=cfg.batch_size, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine = PrivacyEngine(accountant="rdp")
@@ -123,7 +128,9 @@ def train_dp(model: FusionPredictor, arrays: dict[str, np.ndarray], cfg: TrainCo
             count += len(batch[0])
     steps = sum(n for _, _, n in engine.accountant.history)
     sample_rate = engine.accountant.history[-1][1] if engine.accountant.history else 0.0
-    private.remove_hooks() if hasattr(private, "remove_hooks") else None
+    private.remove_hooks()
+    trained = model.state_dict()  # DPLSTM lists its weights under both its own and nn.LSTM's names
+    original.load_state_dict({k: trained[k] for k in original.state_dict()})
     return DPResult(loss=total / max(count, 1), steps=steps, sample_rate=sample_rate,
                     noise_multiplier=noise_multiplier, examples=len(arrays["static"]))
 

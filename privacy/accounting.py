@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -22,11 +25,23 @@ def _check(*, epsilon: float | None = None, delta: float | None = None,
         raise ValueError(f"steps must be at least 1, got {steps}")
 
 
+@lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    # Opacus's RDP of one subsampled-Gaussian step; RDP composes linearly in steps, so
+    # caching one step makes repeated ledger queries cheap without changing the result
+    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                               orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
 def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by a history of (noise_multiplier, sample_rate, steps) per an Opacus accountant."""
     _check(delta=delta)
     if not history:
         return 0.0
+    if accountant == "rdp":
+        total = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+        return float(eps)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(acc.get_epsilon(delta=delta))

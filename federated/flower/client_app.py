@@ -16,12 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from evoclone.privacy.accounting import LedgerEntry, PrivacyLedger, calibrate_noise
-
 from ..features import FeatureSpec
 from ..metrics import c_index
 from ..snapshot import read_snapshot
-from ..training import DPResult, TrainConfig, mean_loss, predict_risk, steps_per_epoch, subset, train_dp
+from ..training import TrainConfig, mean_loss, predict_risk, steps_per_epoch, subset
 from .common import STATUS_OK, STATUS_REFUSED, model_config, new_model, train_config
 
 app = ClientApp()
@@ -36,14 +34,16 @@ def _node(context: Context) -> dict:
             "budget": float(nc["epsilon-budget"]), "delta": float(nc["delta"])}
 
 
-def _load_ledger(path: Path, *, budget: float, delta: float, accountant: str) -> tuple[PrivacyLedger, dict]:
+def _load_ledger(path: Path, *, budget: float, delta: float, accountant: str):
+    from evoclone.privacy.accounting import PrivacyLedger
+
     if path.is_file():
         state = json.loads(path.read_text())
         return PrivacyLedger.from_state_dict(state["ledger"]), state.get("plans", {})
     return PrivacyLedger(epsilon_budget=budget, delta=delta, accountant=accountant), {}
 
 
-def _save_ledger(path: Path, ledger: PrivacyLedger, plans: dict) -> None:
+def _save_ledger(path: Path, ledger, plans: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"ledger": ledger.state_dict(), "plans": plans}, indent=1))
     os.replace(tmp, path)  # a crash leaves the old ledger or the new one, never half of one
@@ -58,6 +58,11 @@ def _load_model(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD, charged to the site's privacy ledger."""
+    # Opacus is imported only where it is used: evaluate messages start faster without it
+    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
+
+    from ..training import DPResult, train_dp
+
     torch.set_num_threads(1)  # several SuperNodes share the host's cores
     node = _node(context)
     rc = context.run_config
@@ -102,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _refusal(msg: Message, site: ConfigRecord, ledger: PrivacyLedger, reason: str) -> Message:
+def _refusal(msg: Message, site: ConfigRecord, ledger, reason: str) -> Message:
     site["status"] = STATUS_REFUSED
     site["reason"] = reason
     content = RecordDict({

@@ -1,7 +1,8 @@
 """Fusion outcome predictor: Transformer + BiLSTM over visits, attention fusion, learned gate.
 
-Every parameter lives in an `nn.Linear`, `nn.LayerNorm` or Opacus `DPLSTM`, so Opacus can
-compute per-sample gradients for DP-SGD with its default hooks.
+Every parameter lives in an `nn.Linear`, `nn.LayerNorm` or `nn.LSTM`; for DP-SGD the
+training code swaps the LSTM for Opacus's `DPLSTM` (same parameter names), so Opacus
+computes per-sample gradients with its default hooks while inference keeps torch's fast LSTM.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from opacus.layers import DPLSTM
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -98,7 +98,7 @@ class FusionPredictor(nn.Module):
         self.visit_in = nn.Linear(cfg.visit_dim, d)
         self.blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_tx = nn.LayerNorm(d)
-        self.lstm = DPLSTM(d, d // 2, batch_first=True, bidirectional=True)
+        self.lstm = nn.LSTM(d, d // 2, batch_first=True, bidirectional=True)
         self.pool_tx = AttentionPool(d)
         self.pool_rnn = AttentionPool(d)
         self.fuse_key = nn.Linear(d, d)
