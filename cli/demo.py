@@ -28,7 +28,7 @@ from evoclone.federated.training import (TrainConfig, build_model, concat, predi
                                          subset, train_with_validation)
 from evoclone.site_node.pipeline import export_snapshot, ingest_extract
 from evoclone.site_node.settings import init_site
-from evoclone.site_node.supernode import start_supernode
+from evoclone.site_node.supernode import start_supernode, supernode_healthy
 
 from .report import GROUP_NAMES, write_report
 
@@ -156,11 +156,13 @@ def run_demo(opts: DemoOptions, *, console: Console) -> dict:
             link = SuperLink(flower_dir=coordinator_dir / "flower", port=ports[0], group=group)
             link.start()
             progress.advance(task)
-            for settings, port in zip(site_settings, ports[1:]):
-                start_supernode(settings, superlink=link.address, port=port, group=group)
+            names = [start_supernode(s, superlink=link.address, port=p, group=group)
+                     for s, p in zip(site_settings, ports[1:])]  # started together, checked together
+            for name, port in zip(names, ports[1:]):
+                group.wait_for(lambda port=port: supernode_healthy(port=port), f"{name} to answer /health",
+                               timeout=60, watch=tuple(names))
                 progress.advance(task)
-            group.wait_for(lambda: link.online_nodes() >= opts.sites, "every SuperNode to register", timeout=120,
-                           watch=tuple(group.procs))
+            # the ServerApp itself waits until every SuperNode has registered
 
             task = progress.add_task("federated DP training rounds", total=opts.rounds)
             rounds_file = coordinator_dir / "rounds.json"
@@ -168,7 +170,7 @@ def run_demo(opts: DemoOptions, *, console: Console) -> dict:
             def show_rounds() -> None:
                 if rounds_file.is_file():
                     try:
-                        done = [r for r in json.loads(rounds_file.read_text())["rounds"] if r["val_c_index"] == r["val_c_index"]]
+                        done = json.loads(rounds_file.read_text())["rounds"]
                     except (json.JSONDecodeError, KeyError):
                         return
                     progress.update(task, completed=len(done))

@@ -94,8 +94,8 @@ class SuperLink:
                 on_poll()
             return self.group.procs["flwr-run"].poll() is not None
 
-        self.group.wait_for(finished, "the federated run to finish",
-                            timeout=timeout, watch=(self.name,))
+        self.group.wait_for(finished, "the federated run to finish", timeout=timeout,
+                            watch=tuple(n for n in self.group.procs if n != "flwr-run"))
         log = (self.group.log_dir / "flwr-run.log").read_text(errors="replace")
         m = re.search(r"Successfully started run (\d+)", log)
         if not m:

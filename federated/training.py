@@ -102,6 +102,7 @@ def train_dp(model: FusionPredictor, arrays: dict[str, np.ndarray], cfg: TrainCo
         raise ValueError("noise_multiplier and max_grad_norm must be positive")
     torch.manual_seed(cfg.seed)
     original = model
+    model.train()  # Opacus validates (and needs) training mode
     model = ModuleValidator.fix(model)  # nn.LSTM -> DPLSTM with the same weights and names
     ModuleValidator.validate(model, strict=True)
     loader = DataLoader(to_dataset(arrays), batch_size=cfg.batch_size, shuffle=True)

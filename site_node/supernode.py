@@ -29,12 +29,16 @@ def write_node_config(settings: SiteSettings) -> Path:
 
 
 def start_supernode(settings: SiteSettings, *, superlink: str, port: int, group: ProcessGroup,
-                    host: str = "127.0.0.1", timeout: float = 60) -> float:
-    """Start the site's SuperNode and wait until its own API answers /health."""
+                    host: str = "127.0.0.1") -> str:
+    """Start the site's SuperNode (without waiting); returns its process name in the group."""
     name = f"supernode-{settings.name}"
     cmd = ["flower-supernode", "--insecure", "--superlink", superlink, "--host", host, "--port", str(port),
            "--node-config", str(write_node_config(settings))]
     home = settings.site_dir / "flower"
     group.start(name, cmd, env=flower_env(home), cwd=home)
-    return group.wait_for(lambda: http_ok(f"http://{host}:{port}/health"), f"{name} to answer /health",
-                          timeout=timeout, watch=(name,))
+    return name
+
+
+def supernode_healthy(*, port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a SuperNode's own API answers /health."""
+    return http_ok(f"http://{host}:{port}/health")

@@ -91,6 +91,9 @@ def train(msg: Message, context: Context) -> Message:
     if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=steps):
         return _refusal(msg, reply_site, ledger, "round does not fit the remaining privacy budget")
     model = _load_model(msg, context)
+    # validating the incoming global model here spares a separate evaluate message (and
+    # a ClientApp process start) in every round but the last
+    validation = _validation(model, arrays, model_config(rc).endpoint)
     result: DPResult = train_dp(model, data, tcfg, noise_multiplier=sigma,
                                 max_grad_norm=float(rc["max-grad-norm"]))
     spent = ledger.charge(LedgerEntry(run_id=run_key, round=server_round, noise_multiplier=sigma,
@@ -100,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
         "metrics": MetricRecord({"num-examples": n, "train_loss": result.loss, "epsilon": spent,
-                                 "noise-multiplier": sigma, "steps": result.steps}),
+                                 "noise-multiplier": sigma, "steps": result.steps, **validation}),
         "site": reply_site,
         "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
     })
@@ -118,20 +121,24 @@ def _refusal(msg: Message, site: ConfigRecord, ledger, reason: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _validation(model, arrays, endpoint: str) -> dict[str, float]:
+    """Validation metrics of a model on the site's validation split (always the same keys)."""
+    data = subset(arrays, "val", endpoint)
+    n = len(data["static"])
+    c = c_index(data["time"], data["event"], predict_risk(model, data)) if n else float("nan")
+    defined = c == c  # a split without events gives no C-index
+    return {"val-examples": n, "val-loss": mean_loss(model, data) if n else 0.0,
+            "val-c-index": c if defined else 0.0, "val-c-weight": n if defined else 0}
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the global model on the site's own validation split."""
     torch.set_num_threads(1)
     node = _node(context)
     arrays, _ = read_snapshot(node["snapshot"], spec=FeatureSpec())
-    cfg = model_config(context.run_config)
-    data = subset(arrays, "val", cfg.endpoint)
     model = _load_model(msg, context)
-    n = len(data["static"])
-    metrics = {"num-examples": n, "val_loss": mean_loss(model, data) if n else 0.0}
-    if n:
-        c = c_index(data["time"], data["event"], predict_risk(model, data))
-        if c == c:  # a site whose validation split has no events gives no C-index
-            metrics["c_index"] = c
+    metrics = {"num-examples": 0, **_validation(model, arrays, model_config(context.run_config).endpoint)}
+    metrics["num-examples"] = metrics["val-examples"]
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": node["site"]})})
     return Message(content=content, reply_to=msg)

@@ -35,8 +35,10 @@ def weighted_mean(pairs: Iterable[tuple[float, float]]) -> float:
 class RecordingFedAvg(FedAvg):
     """FedAvg that skips refusals, keeps per-site privacy spend and persists every round."""
 
-    def __init__(self, *, out_dir: Path, run_id: int, model_cfg, **kwargs) -> None:
+    def __init__(self, *, out_dir: Path, run_id: int, model_cfg, num_rounds: int, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.num_rounds = num_rounds
+        self.initial_validation: dict | None = None
         self.out_dir = out_dir
         self.run_id = run_id
         self.model_cfg = model_cfg
@@ -65,6 +67,13 @@ class RecordingFedAvg(FedAvg):
                                 "examples": entry["examples"]}
             if entry["status"] == STATUS_OK:
                 accepted.append(msg)
+        # train replies carry the validation metrics of the model they started from: the
+        # previous round's aggregate (round 0: the initial weights)
+        val_c, val_loss = self._validation(msg for msg in replies if not msg.has_error())
+        if server_round > 1 and self.rounds:
+            self._set_validation(server_round - 1, val_c, val_loss)
+        else:
+            self.initial_validation = {"val_c_index": val_c, "val_loss": val_loss}
         record = {"round": server_round, "participation": participation,
                   "train_loss": weighted_mean((float(p["train_loss"]), p["examples"]) for p in participation
                                               if p.get("status") == STATUS_OK),
@@ -83,26 +92,39 @@ class RecordingFedAvg(FedAvg):
         self._persist()
         return arrays, agg
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Only the last round needs evaluate messages; earlier ones are validated in training."""
+        if server_round < self.num_rounds:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = [msg for msg in replies if not msg.has_error()]
+        if not replies:
+            return None
+        c, loss = self._validation(replies)
+        self._set_validation(server_round, c, loss)
+        return MetricRecord({"c_index": 0.0 if math.isnan(c) else c, "val_loss": 0.0 if math.isnan(loss) else loss})
+
+    @staticmethod
+    def _validation(replies: Iterable[Message]) -> tuple[float, float]:
         pairs, losses = [], []
         for msg in replies:
-            if msg.has_error():
-                continue
             m = msg.content.metric_records.get("metrics", MetricRecord())
-            n = float(m.get("num-examples", 0))
-            if "c_index" in m:
-                pairs.append((float(m["c_index"]), n))
-            losses.append((float(m.get("val_loss", float("nan"))), n))
-        c = weighted_mean(pairs)
-        loss = weighted_mean(losses)
-        if self.rounds and self.rounds[-1]["round"] == server_round:
-            self.rounds[-1]["val_c_index"] = c
-            self.rounds[-1]["val_loss"] = loss
-            if (self.round_dir(server_round) / "manifest.json").is_file():
-                update_manifest(self.round_dir(server_round),
-                                metrics={"train_loss": self.rounds[-1]["train_loss"], "val_c_index": c, "val_loss": loss})
-            self._persist()
-        return MetricRecord({"c_index": 0.0 if math.isnan(c) else c, "val_loss": 0.0 if math.isnan(loss) else loss})
+            if "val-c-weight" in m:
+                pairs.append((float(m["val-c-index"]), float(m["val-c-weight"])))
+                losses.append((float(m["val-loss"]), float(m["val-examples"])))
+        return weighted_mean(pairs), weighted_mean(losses)
+
+    def _set_validation(self, server_round: int, c: float, loss: float) -> None:
+        record = next((r for r in self.rounds if r["round"] == server_round), None)
+        if record is None:
+            return
+        record["val_c_index"], record["val_loss"] = c, loss
+        if (self.round_dir(server_round) / "manifest.json").is_file():
+            update_manifest(self.round_dir(server_round),
+                            metrics={"train_loss": record["train_loss"], "val_c_index": c, "val_loss": loss})
+        self._persist()
 
     def round_dir(self, server_round: int) -> Path:
         """Where a round's aggregated model lives."""
@@ -112,6 +134,7 @@ class RecordingFedAvg(FedAvg):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / "rounds.json.tmp"
         tmp.write_text(json.dumps({"run_id": self.run_id, "rounds": self.rounds,
+                                   "initial": self.initial_validation,
                                    "sites": sorted(self.sites.values(), key=lambda s: s["name"])}, indent=1))
         os.replace(tmp, self.out_dir / "rounds.json")
 
@@ -125,7 +148,9 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError("run config out-dir is empty; pass --run-config \"out-dir='/path'\"")
     min_nodes = int(rc["min-nodes"])
     strategy = RecordingFedAvg(out_dir=out_dir, run_id=int(context.run_id), model_cfg=model_config(rc),
+                               num_rounds=int(rc["num-server-rounds"]),
                                fraction_train=float(rc["fraction-train"]), min_train_nodes=min_nodes,
                                min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(new_model(rc).state_dict()),
-                   num_rounds=int(rc["num-server-rounds"]), train_config=ConfigRecord({}))
+                   num_rounds=int(rc["num-server-rounds"]), train_config=ConfigRecord({}),
+                   timeout=float(rc["round-timeout"]))

@@ -79,7 +79,7 @@ def test_plain_training_learns_a_simple_signal():
 def test_dp_training_updates_weights_and_keeps_the_architecture():
     cfg = _cfg()
     a = _arrays(64)
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=0).eval()  # e.g. right after validating the incoming global model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_dp(model, a, TrainConfig(epochs=1, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
     assert isinstance(model.lstm, torch.nn.LSTM)  # DPLSTM is only used while training privately
