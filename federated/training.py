@@ -107,26 +107,35 @@ def train_dp(model: FusionPredictor, arrays: dict[str, np.ndarray], cfg: TrainCo
     ModuleValidator.validate(model, strict=True)
     loader = DataLoader(to_dataset(arrays), batch_size=cfg.batch_size, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG; we document the choice
+        # benign and noisy in site logs: Opacus's note that its CSPRNG is off (the noise
+        # generator is seeded for reproducibility), and torch's note that backward hooks
+        # fire although inputs need no gradient
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine = PrivacyEngine(accountant="rdp")
         private, opt, loader = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True,
             noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
-    private.train()
-    total, count = 0.0, 0
-    for _ in range(cfg.epochs):
-        for batch in loader:
-            opt.zero_grad()
-            if len(batch[0]) == 0:  # an empty Poisson batch still takes a (pure noise) step
+        private.train()
+        total, count = 0.0, 0
+        for _ in range(cfg.epochs):
+            for batch in loader:
+                opt.zero_grad()
+                if len(batch[0]) == 0:
+                    # an empty Poisson batch still releases a (pure noise) step, as the
+                    # accountant assumes; Opacus clips nothing and adds the noise
+                    for p in private.parameters():
+                        if p.requires_grad:
+                            p.grad_sample = torch.zeros((0, *p.shape))
+                    opt.step()
+                    continue
+                loss = _batch_loss(private, batch)
+                loss.backward()
                 opt.step()
-                continue
-            loss = _batch_loss(private, batch)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(batch[0])
-            count += len(batch[0])
+                total += loss.item() * len(batch[0])
+                count += len(batch[0])
     steps = sum(n for _, _, n in engine.accountant.history)
     sample_rate = engine.accountant.history[-1][1] if engine.accountant.history else 0.0
     private.remove_hooks()

@@ -93,3 +93,12 @@ def test_bad_config_rejected():
         _cfg(endpoint="survival")
     with pytest.raises(ValueError):
         FusionConfig(static_dim=3, visit_dim=3, d_model=15, n_heads=2)
+
+
+def test_dp_training_counts_empty_poisson_batches():
+    # 3 examples, sample rate 1/3: empty batches are frequent and must still be noisy steps
+    cfg = _cfg()
+    a = _arrays(3)
+    model = build_model(cfg, seed=0)
+    result = train_dp(model, a, TrainConfig(epochs=20, batch_size=1, seed=4), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert result.steps == 60

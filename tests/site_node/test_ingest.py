@@ -38,10 +38,22 @@ def test_ingest_anonymizes_and_is_idempotent(small_cohort, site_dir):
     assert again["written"] == 0 and again["patients"] == len(pat)
     export_snapshot(site_dir=site_dir)
     blob = _site_bytes(site_dir)
-    for col in ("mrn", "name", "phone", "birth_date", "enrollment_date"):
+    for col in ("mrn", "name", "phone", "birth_date"):
         for value in pat[col].head(25):
             assert value.encode() not in blob, f"raw {col} found in the site directory"
     records = SiteStore(url=get_settings(site_dir).db_url).records()
+    # enrolment dates are shifted per patient (another patient's shifted date may coincide
+    # with a raw one, so this is checked patient by patient)
+    from datetime import date
+
+    from evoclone.privacy.pseudonym import Pseudonymizer
+    from evoclone.site_node.settings import load_key
+
+    p = Pseudonymizer(key=load_key(get_settings(site_dir)))
+    by_id = {r.patient_id: r for r in records}
+    for mrn, enrol in zip(pat["mrn"], pat["enrollment_date"]):
+        stored = by_id[p.pseudonym(mrn)].index_date
+        assert stored != date.fromisoformat(enrol) and stored == p.shift(date.fromisoformat(enrol), mrn)
     r = records[0]
     assert r.patient_id.startswith("P-") and "zip3" in r.baseline and len(r.baseline["zip3"]) == 3
     assert r.outcomes.time_to_event is not None and any(e.time <= 0 for e in r.events)
