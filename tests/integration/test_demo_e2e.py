@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,13 +30,41 @@ def _processes_mentioning(text: str) -> list[str]:
     return out
 
 
+def _free_port_block(n: int) -> int:
+    """A base port such that base..base+n-1 are free now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_bindable(p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _assert_all_stopped(out: Path, ports: list[int]) -> None:
+    leftovers = _processes_mentioning(str(out)) + [p for port in ports for p in _processes_mentioning(f":{port}")]
+    assert leftovers == []
+    assert all(_bindable(p) for p in ports), "a port is still bound"
+
+
 def test_small_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
+    base = _free_port_block(3)
     cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "1",
-           "--patients", "120", "--epsilon", "2.0", "--out", str(out), "--json"]
+           "--patients", "120", "--epsilon", "2.0", "--out", str(out), "--port", str(base), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -74,4 +105,28 @@ def test_small_demo_end_to_end(tmp_path):
     # Flower kept its state under OUT, and every process is gone
     assert not (home / ".flwr").exists()
     assert (out / "coordinator" / "flower" / "superlink-state.db").is_file()
-    assert _processes_mentioning(str(out)) == []
+    _assert_all_stopped(out, [base, base + 1, base + 2])
+
+
+def test_ctrl_c_stops_every_flower_process(tmp_path):
+    out = tmp_path / "demo"
+    base = _free_port_block(3)
+    cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "3",
+           "--patients", "120", "--out", str(out), "--port", str(base)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        # interrupt once the federated run is under way (its Flower processes all exist)
+        while not (out / "logs" / "flwr-run.log").is_file():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert _processes_mentioning(f":{base}"), "the Flower processes should be running"
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not (out / "summary.json").exists()
+    _assert_all_stopped(out, [base, base + 1, base + 2])
