@@ -7,7 +7,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,8 @@ def run_demo(opts: DemoOptions, *, console: Console) -> dict:
     """Run the whole demo and return the summary; stops every process it started."""
     validate(opts)
     started = time.monotonic()
+    # Flower processes run in other working directories: every path they get is absolute
+    opts = replace(opts, out=opts.out.absolute())
     _prepare_out(opts)
     out = opts.out
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

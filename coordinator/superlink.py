@@ -40,7 +40,7 @@ class SuperLink:
     """One SuperLink process with persistent state under `flower_dir`."""
 
     def __init__(self, *, flower_dir: Path, port: int, group: ProcessGroup, host: str = "127.0.0.1") -> None:
-        self.flower_dir = flower_dir
+        self.flower_dir = flower_dir.absolute()
         self.host, self.port = host, port
         self.group = group
         self.name = "superlink"

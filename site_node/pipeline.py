@@ -8,9 +8,41 @@ from evoclone.federated.features import FeatureSpec, encode_cohort
 from evoclone.federated.snapshot import write_snapshot
 from evoclone.privacy.pseudonym import Pseudonymizer
 
+import hashlib
+import hmac
+
 from .ingest import read_extract
-from .settings import get_settings, load_key
+from .keyring import Keyring, load_keyring, next_key_id, save_keyring
+from .settings import SiteSettings, get_settings, load_key
 from .store import SiteStore
+
+
+def open_store(settings: SiteSettings) -> SiteStore:
+    """The site's store with its keyring and content-MAC key."""
+    mac_key = hmac.new(load_key(settings), b"evoclone content mac", hashlib.sha256).digest()
+    return SiteStore(url=settings.db_url, keyring=load_keyring(settings.site_dir), mac_key=mac_key)
+
+
+def rotate_master_key(*, site_dir: Path) -> dict[str, object]:
+    """Add a new master key, re-wrap every data key with it, then drop the old versions.
+
+    Crash-safe order: the keyring holds both versions before the database changes, and
+    loses the old ones only after the re-wrap committed.
+    """
+    from evoclone.privacy.envelope import new_key
+
+    settings = get_settings(site_dir)
+    old = load_keyring(site_dir)
+    new_id = next_key_id(old)
+    both = Keyring(keys={**old.keys, new_id: new_key()}, active=new_id)
+    save_keyring(site_dir, both)
+    store = open_store(settings)
+    try:
+        n = store.rewrap_data_keys(new_keyring=both)
+    finally:
+        store.close()
+    save_keyring(site_dir, Keyring(keys={new_id: both.keys[new_id]}, active=new_id))
+    return {"active": new_id, "rewrapped_data_keys": n, "retired": sorted(old.keys)}
 
 
 def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | None) -> dict[str, int]:
@@ -18,7 +50,7 @@ def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | Non
     settings = get_settings(site_dir)
     records = read_extract(patients_csv, events_csv, site=settings.name,
                            pseudonymizer=Pseudonymizer(key=load_key(settings)))
-    store = SiteStore(url=settings.db_url)
+    store = open_store(settings)
     try:
         written = store.upsert_records(records=records)
         return {"accepted": len(records), "written": written, **store.counts()}
@@ -30,7 +62,7 @@ def export_snapshot(*, site_dir: Path, out: Path | None = None, spec: FeatureSpe
     """Encode every stored record into the training snapshot the ClientApp reads."""
     settings = get_settings(site_dir)
     spec = spec or FeatureSpec()
-    store = SiteStore(url=settings.db_url)
+    store = open_store(settings)
     try:
         records = store.records()
     finally:

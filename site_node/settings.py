@@ -49,14 +49,17 @@ class SiteSettings(BaseSettings):
 
 def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: float = 1e-5) -> SiteSettings:
     """Create a site directory with its settings file and a fresh 256-bit secret key."""
-    site_dir.mkdir(parents=True, exist_ok=True)
     settings = SiteSettings(site_dir=site_dir, name=name, epsilon_budget=epsilon_budget, delta=delta)
+    site_dir.mkdir(parents=True, exist_ok=True)
     key = settings.key_path
     if key.exists():
         raise FileExistsError(f"{key} already exists; a site key is never overwritten")
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secrets.token_bytes(32))
+    from .keyring import create_keyring
+
+    create_keyring(site_dir)
     cfg = {"name": name, "epsilon_budget": epsilon_budget, "delta": delta}
     path = site_dir / SETTINGS_FILE
     path.write_text(json.dumps(cfg, indent=1) + "\n")

@@ -1,14 +1,37 @@
-"""The site's transactional store (SQLModel on SQLite by default): anonymized patients only."""
+"""The site's transactional store (SQLModel on SQLite or PostgreSQL): anonymized patients only.
+
+Records are encrypted at rest: each ingest batch gets a fresh AES-256-GCM data key, wrapped
+by the site's active master key; every record is bound to its pseudonym, so tampering or
+moving a ciphertext is detected on read. Equality of content is checked with a keyed
+HMAC, so the stored hash cannot be matched against guessed records.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
-from sqlalchemy import func
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlalchemy import LargeBinary, func
+from sqlmodel import Column, Field, Session, SQLModel, create_engine, select
 
 from evoclone.federated.record import PatientRecord
+from evoclone.privacy.envelope import WrappedKey, new_key, open_sealed, rewrap, seal, unwrap, wrap
+
+from .keyring import Keyring
+
+
+class DataKeyRow(SQLModel, table=True):
+    """A per-batch data key, stored only wrapped by a master key."""
+
+    __tablename__ = "data_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    master_id: str
+    nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 class PatientBase(SQLModel):
@@ -19,46 +42,69 @@ class PatientBase(SQLModel):
 
 
 class PatientRow(PatientBase, table=True):
-    """One anonymized canonical record, keyed by its pseudonym."""
+    """One anonymized canonical record, encrypted, keyed by its pseudonym."""
 
     __tablename__ = "patient"
 
     pseudonym: str = Field(primary_key=True)
-    record_json: str
-    content_hash: str = Field(index=True)
+    content_mac: str = Field(index=True)
+    data_key_id: int = Field(foreign_key="data_key.id")
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class SiteStore:
     """Keyword-only data access over one site's database."""
 
-    def __init__(self, *, url: str) -> None:
+    def __init__(self, *, url: str, keyring: Keyring, mac_key: bytes) -> None:
         self.engine = create_engine(url)
-        SQLModel.metadata.create_all(self.engine, tables=[PatientRow.__table__])
+        self.keyring = keyring
+        self._mac_key = mac_key
+        SQLModel.metadata.create_all(self.engine, tables=[DataKeyRow.__table__, PatientRow.__table__])
+
+    def _mac(self, payload: bytes) -> str:
+        return hmac.new(self._mac_key, b"record\x1f" + payload, hashlib.sha256).hexdigest()
 
     def upsert_records(self, *, records: Iterable[PatientRecord]) -> int:
         """Insert or update records in one transaction (all or nothing); returns rows written."""
         written = 0
+        data_key = new_key()
         with Session(self.engine) as session, session.begin():
+            w = wrap(data_key, master_key=self.keyring.active_key, master_id=self.keyring.active)
+            key_row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
+            session.add(key_row)
+            session.flush()
             for r in records:
-                payload = r.model_dump_json()
-                digest = hashlib.sha256(payload.encode()).hexdigest()
+                payload = r.model_dump_json().encode()
+                mac = self._mac(payload)
                 row = session.get(PatientRow, r.patient_id)
-                if row is not None and row.content_hash == digest:
-                    continue
+                if row is not None and row.content_mac == mac:
+                    continue  # same content already stored: idempotent re-ingest
+                sealed = seal(payload, data_key=data_key, context=r.patient_id.encode())
                 if row is None:
-                    row = PatientRow(pseudonym=r.patient_id, site=r.site, n_events=len(r.events),
-                                     record_json=payload, content_hash=digest)
+                    row = PatientRow(pseudonym=r.patient_id, site=r.site, n_events=len(r.events), content_mac=mac,
+                                     data_key_id=key_row.id, ciphertext=sealed)
                 else:
-                    row.record_json, row.content_hash, row.n_events = payload, digest, len(r.events)
+                    row.content_mac, row.n_events, row.data_key_id, row.ciphertext = mac, len(r.events), key_row.id, sealed
                 session.add(row)
                 written += 1
+            if written == 0:
+                session.delete(key_row)
         return written
 
     def records(self) -> list[PatientRecord]:
-        """All records, ordered by pseudonym (stable across runs)."""
+        """All records, decrypted and authenticated, ordered by pseudonym."""
         with Session(self.engine) as session:
-            rows = session.exec(select(PatientRow).order_by(PatientRow.pseudonym)).all()
-            return [PatientRecord.model_validate_json(r.record_json) for r in rows]
+            keys = {k.id: k for k in session.exec(select(DataKeyRow)).all()}
+            plain: dict[int, bytes] = {}
+            out = []
+            for row in session.exec(select(PatientRow).order_by(PatientRow.pseudonym)).all():
+                if row.data_key_id not in plain:
+                    k = keys[row.data_key_id]
+                    plain[row.data_key_id] = unwrap(WrappedKey(k.master_id, k.nonce, k.wrapped),
+                                                    master_key=self.keyring.keys[k.master_id])
+                payload = open_sealed(row.ciphertext, data_key=plain[row.data_key_id], context=row.pseudonym.encode())
+                out.append(PatientRecord.model_validate_json(payload))
+            return out
 
     def counts(self) -> dict[str, int]:
         """Number of patients and timeline events stored."""
@@ -66,6 +112,19 @@ class SiteStore:
             patients = session.exec(select(func.count()).select_from(PatientRow)).one()
             events = session.exec(select(func.coalesce(func.sum(PatientRow.n_events), 0))).one()
         return {"patients": int(patients), "events": int(events)}
+
+    def rewrap_data_keys(self, *, new_keyring: Keyring) -> int:
+        """Re-wrap every data key under `new_keyring`'s active key in one transaction."""
+        n = 0
+        with Session(self.engine) as session, session.begin():
+            for k in session.exec(select(DataKeyRow)).all():
+                w = rewrap(WrappedKey(k.master_id, k.nonce, k.wrapped), old_master=self.keyring.keys[k.master_id],
+                           new_master=new_keyring.active_key, new_id=new_keyring.active)
+                k.master_id, k.nonce, k.wrapped = w.master_id, w.nonce, w.ciphertext
+                session.add(k)
+                n += 1
+        self.keyring = new_keyring
+        return n
 
     def close(self) -> None:
         """Release database connections."""

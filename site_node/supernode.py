@@ -17,7 +17,7 @@ from .settings import SiteSettings
 
 def write_node_config(settings: SiteSettings) -> Path:
     """Write the node config (TOML) the ClientApp reads; returns its path."""
-    path = settings.site_dir / "node-config.toml"
+    path = (settings.site_dir / "node-config.toml").absolute()
     path.write_text(tomli_w.dumps({
         "site-name": settings.name,
         "snapshot": str(settings.snapshot_path.resolve()),

@@ -63,9 +63,10 @@ def test_small_demo_end_to_end(tmp_path):
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
     base = _free_port_block(3)
+    # a relative --out, as `make demo` passes it: Flower processes run in other directories
     cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "1",
-           "--patients", "120", "--epsilon", "2.0", "--out", str(out), "--port", str(base), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+           "--patients", "120", "--epsilon", "2.0", "--out", "demo", "--port", str(base), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary == json.loads((out / "summary.json").read_text())

@@ -5,9 +5,8 @@ import stat
 import pytest
 
 from evoclone.site_node.ingest import IngestError
-from evoclone.site_node.pipeline import export_snapshot, ingest_extract
+from evoclone.site_node.pipeline import export_snapshot, ingest_extract, open_store
 from evoclone.site_node.settings import get_settings, init_site
-from evoclone.site_node.store import SiteStore
 
 
 def _tree_digest(path):
@@ -41,7 +40,7 @@ def test_ingest_anonymizes_and_is_idempotent(small_cohort, site_dir):
     for col in ("mrn", "name", "phone", "birth_date"):
         for value in pat[col].head(25):
             assert value.encode() not in blob, f"raw {col} found in the site directory"
-    records = SiteStore(url=get_settings(site_dir).db_url).records()
+    records = open_store(get_settings(site_dir)).records()
     # enrolment dates are shifted per patient (another patient's shifted date may coincide
     # with a raw one, so this is checked patient by patient)
     from datetime import date
@@ -91,7 +90,7 @@ def test_events_of_unknown_patients_are_rejected(small_cohort, site_dir):
     with pytest.raises(IngestError, match="not in the patients file"):
         ingest_extract(site_dir=site_dir, patients_csv=out / "site-1" / "patients.csv",
                        events_csv=out / "site-2" / "events.csv")
-    assert SiteStore(url=get_settings(site_dir).db_url).counts()["patients"] == 0
+    assert open_store(get_settings(site_dir)).counts()["patients"] == 0
 
 
 def test_world_readable_key_is_refused(small_cohort, site_dir):

@@ -1,0 +1,146 @@
+"""`evoclone site ...`: a hospital's site node (init, ingest, stats, snapshot, key rotation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+site_app = typer.Typer(no_args_is_help=True, help="Run a hospital's site node: ingest, anonymize, store, export.")
+
+SiteDir = Annotated[Path, typer.Option("--site-dir", help="the site directory")]
+AsJson = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+
+
+def _settings(site_dir: Path):
+    from evoclone.site_node.settings import get_settings
+
+    from .main import fail
+
+    try:
+        return get_settings(site_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc).splitlines()[0], 2) from None
+
+
+@site_app.command()
+def init(site_dir: SiteDir, name: Annotated[str, typer.Option(help="site name, e.g. st-mary")],
+         epsilon: Annotated[float, typer.Option(help="privacy budget (epsilon) for this site")] = 3.0,
+         delta: Annotated[float, typer.Option(help="DP delta for this site")] = 1e-5) -> None:
+    """Create a site directory with its settings, a fresh secret key and master key (mode 0600).
+
+    Example: evoclone site init --site-dir /srv/evoclone/site --name st-mary --epsilon 3
+    """
+    from pydantic import ValidationError
+
+    from evoclone.site_node.settings import init_site
+
+    from .main import err, fail
+
+    if (site_dir / "site.json").exists() or (site_dir / "secret.key").exists():
+        raise fail(f"{site_dir} is already a site directory; its keys are never replaced", 2)
+    try:
+        init_site(site_dir, name=name, epsilon_budget=epsilon, delta=delta)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise fail(f"--{first['loc'][0]}: {first['msg']}".replace("epsilon_budget", "epsilon"), 2) from None
+    except OSError as exc:
+        raise fail(f"cannot create {site_dir}: {exc.strerror}", 2) from None
+    err.print(f"site {name} initialised in {site_dir}")
+
+
+def _csv_pair(paths: list[Path]) -> tuple[Path, Path | None]:
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(p.glob("*.csv")) if p.is_dir() else [p]
+    patients = [f for f in files if f.name.startswith("patients")]
+    events = [f for f in files if f.name.startswith("events")]
+    if len(patients) != 1 or len(events) > 1 or len(files) != len(patients) + len(events):
+        raise ValueError("CSV ingest takes one patients*.csv and at most one events*.csv (files or a directory)")
+    return patients[0], events[0] if events else None
+
+
+@site_app.command()
+def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a directory")], site_dir: SiteDir,
+           fmt: Annotated[str, typer.Option("--format", help="csv")] = "csv", as_json: AsJson = False) -> None:
+    """Validate, anonymize, encrypt and store an extract; all or nothing.
+
+    Example: evoclone site ingest ./extract/patients.csv ./extract/events.csv --site-dir /srv/evoclone/site --json
+    """
+    from evoclone.site_node.ingest import IngestError
+    from evoclone.site_node.pipeline import ingest_extract
+
+    from .main import err, fail
+
+    _settings(site_dir)
+    if fmt != "csv":
+        raise fail(f"--format {fmt!r} is not supported yet; use csv", 2)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise fail(f"{missing[0]}: no such file or directory", 2)
+    try:
+        patients_csv, events_csv = _csv_pair(paths)
+        counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv)
+    except IngestError as exc:
+        if as_json:
+            typer.echo(json.dumps({"accepted": 0, "rejected": len(exc.issues), "patients": None, "events": None,
+                                   "errors": [vars(i) for i in exc.issues]}))
+        raise fail(str(exc), 2) from None
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    doc = {"accepted": counts["accepted"], "rejected": 0, "patients": counts["patients"], "events": counts["events"],
+           "errors": []}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        err.print(f"accepted {doc['accepted']} patients; the site now holds {doc['patients']} patients, {doc['events']} events")
+
+
+@site_app.command()
+def stats(site_dir: SiteDir, as_json: AsJson = False) -> None:
+    """Patients and events stored.
+
+    Example: evoclone site stats --site-dir /srv/evoclone/site --json
+    """
+    from evoclone.site_node.pipeline import open_store
+
+    store = open_store(_settings(site_dir))
+    try:
+        doc = {**store.counts(), "quarantined": 0}
+    finally:
+        store.close()
+    typer.echo(json.dumps(doc) if as_json else f"patients {doc['patients']}  events {doc['events']}  quarantined 0")
+
+
+@site_app.command("export-snapshot")
+def export_snapshot_cmd(site_dir: SiteDir, out: Annotated[Path | None, typer.Option(help="snapshot file")] = None) -> None:
+    """Write the anonymized, encoded training snapshot the ClientApp reads.
+
+    Example: evoclone site export-snapshot --site-dir /srv/evoclone/site --out snapshot.safetensors
+    """
+    from evoclone.site_node.pipeline import export_snapshot
+
+    from .main import err, fail
+
+    _settings(site_dir)
+    try:
+        path = export_snapshot(site_dir=site_dir, out=out)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    err.print(f"snapshot written to {path}")
+
+
+@site_app.command("rotate-key")
+def rotate_key(site_dir: SiteDir, as_json: AsJson = False) -> None:
+    """Replace the master key: every data key is re-wrapped, the data is not re-encrypted.
+
+    Example: evoclone site rotate-key --site-dir /srv/evoclone/site
+    """
+    from evoclone.site_node.pipeline import rotate_master_key
+
+    _settings(site_dir)
+    result = rotate_master_key(site_dir=site_dir)
+    typer.echo(json.dumps(result) if as_json else
+               f"master key {result['active']} active; {result['rewrapped_data_keys']} data keys re-wrapped")

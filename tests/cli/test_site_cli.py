@@ -1,0 +1,47 @@
+import json
+import stat
+
+from typer.testing import CliRunner
+
+from evoclone.cli.main import app
+
+runner = CliRunner()
+
+
+def test_site_init_ingest_stats_snapshot_rotate(small_cohort, tmp_path):
+    _, out = small_cohort
+    site = tmp_path / "st-mary"
+    r = runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "st-mary"])
+    assert r.exit_code == 0, r.stderr
+    assert stat.S_IMODE((site / "secret.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((site / "master.keys").stat().st_mode) == 0o600
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "x"]).exit_code == 2
+
+    r = runner.invoke(app, ["site", "ingest", str(out / "site-1"), "--site-dir", str(site), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["accepted"] == doc["patients"] == 80 and doc["rejected"] == 0 and doc["errors"] == []
+
+    bad = runner.invoke(app, ["site", "ingest", str(out / "site-1" / "patients.csv"), str(out / "site-2" / "events.csv"),
+                              "--site-dir", str(site), "--json"])
+    assert bad.exit_code == 2
+    errors = json.loads(bad.stdout)["errors"]
+    assert errors[0]["source"] == "events.csv" and errors[0]["field"] == "mrn" and errors[0]["location"] == "line 2"
+
+    r = runner.invoke(app, ["site", "stats", "--site-dir", str(site), "--json"])
+    assert json.loads(r.stdout) == {"patients": 80, "events": doc["events"], "quarantined": 0}
+
+    r = runner.invoke(app, ["site", "export-snapshot", "--site-dir", str(site), "--out", str(tmp_path / "snap.safetensors")])
+    assert r.exit_code == 0 and (tmp_path / "snap.safetensors").is_file()
+
+    r = runner.invoke(app, ["site", "rotate-key", "--site-dir", str(site), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["active"] == "k2"
+    r = runner.invoke(app, ["site", "stats", "--site-dir", str(site), "--json"])
+    assert json.loads(r.stdout)["patients"] == 80
+
+
+def test_site_commands_on_a_non_site_directory(tmp_path):
+    r = runner.invoke(app, ["site", "stats", "--site-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 2 and "site init" in r.stderr
+    r = runner.invoke(app, ["site", "init", "--site-dir", str(tmp_path / "s"), "--name", "bad name!"])
+    assert r.exit_code == 2 and "name" in r.stderr and not (tmp_path / "s").exists()
