@@ -64,25 +64,35 @@ def _csv_pair(paths: list[Path]) -> tuple[Path, Path | None]:
 
 @site_app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a directory")], site_dir: SiteDir,
-           fmt: Annotated[str, typer.Option("--format", help="csv")] = "csv", as_json: AsJson = False) -> None:
+           fmt: Annotated[str | None, typer.Option("--format", help="fhir or csv (default: from the file names)")] = None,
+           as_json: AsJson = False) -> None:
     """Validate, anonymize, encrypt and store an extract; all or nothing.
 
     Example: evoclone site ingest ./extract/patients.csv ./extract/events.csv --site-dir /srv/evoclone/site --json
     """
     from evoclone.site_node.ingest import IngestError
-    from evoclone.site_node.pipeline import ingest_extract
+    from evoclone.site_node.pipeline import ingest_extract, ingest_fhir
 
     from .main import err, fail
 
     _settings(site_dir)
-    if fmt != "csv":
-        raise fail(f"--format {fmt!r} is not supported yet; use csv", 2)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise fail(f"{missing[0]}: no such file or directory", 2)
+    files = [f for p in paths for f in (sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p])]
+    if not files:
+        raise fail("no files to ingest in the given paths", 2)
+    kinds = {"fhir" if f.suffix.lower() in (".json", ".ndjson") else "csv" if f.suffix.lower() == ".csv" else "?"
+             for f in files}
+    fmt = fmt or (kinds.pop() if len(kinds) == 1 else None)
+    if fmt not in ("fhir", "csv"):
+        raise fail("cannot tell the format from mixed or unknown file types; pass --format fhir|csv and one kind of file", 2)
     try:
-        patients_csv, events_csv = _csv_pair(paths)
-        counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv)
+        if fmt == "fhir":
+            counts = ingest_fhir(site_dir=site_dir, paths=files)
+        else:
+            patients_csv, events_csv = _csv_pair(files)
+            counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv)
     except IngestError as exc:
         if as_json:
             typer.echo(json.dumps({"accepted": 0, "rejected": len(exc.issues), "patients": None, "events": None,
@@ -91,7 +101,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     doc = {"accepted": counts["accepted"], "rejected": 0, "patients": counts["patients"], "events": counts["events"],
-           "errors": []}
+           "errors": [], **({"skipped_resources": counts["skipped_resources"]} if "skipped_resources" in counts else {})}
     if as_json:
         typer.echo(json.dumps(doc))
     else:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .record import PatientRecord
+from .record import Arm, PatientRecord
 
 # lab code -> (name, center, scale, log-transform)
 DEFAULT_LABS: tuple[tuple[str, str, float, float, bool], ...] = (
@@ -73,7 +73,7 @@ def encode(record: PatientRecord, spec: FeatureSpec) -> tuple[np.ndarray, np.nda
     static += [float(b.get(name) or 0) for name in spec.binary]
     for name, levels in spec.categorical:
         static += [1.0 if str(b.get(name)) == lvl else 0.0 for lvl in levels]
-    static.append(float(int(record.arm)))
+    static.append(1.0 if record.arm == Arm.TREATMENT else 0.0)
     codes = {lab[0]: i for i, lab in enumerate(spec.labs)}
     # visits: events before index grouped by day, most recent max_visits kept
     by_time: dict[float, dict[int, float]] = {}

@@ -51,6 +51,16 @@ class Outcomes(BaseModel):
         return self
 
 
+class Note(BaseModel):
+    """Free text already scrubbed of identifiers (report text, clinical notes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    time: float
+    kind: str
+    text: str
+
+
 class PatientRecord(BaseModel):
     """An anonymized patient: baseline covariates, arm, timeline and outcomes.
 
@@ -63,8 +73,9 @@ class PatientRecord(BaseModel):
     site: str
     index_date: date | None = Field(None, description="date-shifted index (enrolment) date")
     baseline: dict[str, float | str | None]
-    arm: Arm
+    arm: Arm | None = Field(None, description="trial arm; None for observational (historical) patients")
     events: tuple[Event, ...] = ()
+    notes: tuple[Note, ...] = ()
     outcomes: Outcomes = Outcomes()
 
     def history(self, *, until: float = 0.0) -> tuple[Event, ...]:

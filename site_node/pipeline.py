@@ -46,10 +46,23 @@ def rotate_master_key(*, site_dir: Path) -> dict[str, object]:
 
 
 def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | None) -> dict[str, int]:
-    """Validate, anonymize and store one extract atomically; returns the store's counts."""
+    """Validate, anonymize and store one CSV extract atomically; returns the store's counts."""
     settings = get_settings(site_dir)
     records = read_extract(patients_csv, events_csv, site=settings.name,
                            pseudonymizer=Pseudonymizer(key=load_key(settings)))
+    return _store(settings, records)
+
+
+def ingest_fhir(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
+    """Validate, anonymize and store FHIR Bundles / NDJSON atomically."""
+    from .fhir import read_fhir
+
+    settings = get_settings(site_dir)
+    result = read_fhir(paths, site=settings.name, pseudonymizer=Pseudonymizer(key=load_key(settings)))
+    return {**_store(settings, result.records), "skipped_resources": dict(result.skipped)}
+
+
+def _store(settings: SiteSettings, records) -> dict[str, int]:
     store = open_store(settings)
     try:
         written = store.upsert_records(records=records)
