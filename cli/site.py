@@ -65,6 +65,8 @@ def _csv_pair(paths: list[Path]) -> tuple[Path, Path | None]:
 @site_app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a directory")], site_dir: SiteDir,
            fmt: Annotated[str | None, typer.Option("--format", help="fhir or csv (default: from the file names)")] = None,
+           mapping: Annotated[Path | None, typer.Option(help="YAML column mapping for CSV extracts")] = None,
+           allow_partial: Annotated[bool, typer.Option(help="store good rows; quarantine bad ones with their reasons")] = False,
            as_json: AsJson = False) -> None:
     """Validate, anonymize, encrypt and store an extract; all or nothing.
 
@@ -92,7 +94,8 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
             counts = ingest_fhir(site_dir=site_dir, paths=files)
         else:
             patients_csv, events_csv = _csv_pair(files)
-            counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv)
+            counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv,
+                                    mapping_file=mapping, allow_partial=allow_partial)
     except IngestError as exc:
         if as_json:
             typer.echo(json.dumps({"accepted": 0, "rejected": len(exc.issues), "patients": None, "events": None,
@@ -100,8 +103,8 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
         raise fail(str(exc), 2) from None
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    doc = {"accepted": counts["accepted"], "rejected": 0, "patients": counts["patients"], "events": counts["events"],
-           "errors": [], **({"skipped_resources": counts["skipped_resources"]} if "skipped_resources" in counts else {})}
+    doc = {"accepted": counts["accepted"], "rejected": counts.get("rejected", 0), "patients": counts["patients"],
+           "events": counts["events"], "errors": counts.get("errors", []), **({"skipped_resources": counts["skipped_resources"]} if "skipped_resources" in counts else {})}
     if as_json:
         typer.echo(json.dumps(doc))
     else:
@@ -118,10 +121,11 @@ def stats(site_dir: SiteDir, as_json: AsJson = False) -> None:
 
     store = open_store(_settings(site_dir))
     try:
-        doc = {**store.counts(), "quarantined": 0}
+        doc = store.counts()
     finally:
         store.close()
-    typer.echo(json.dumps(doc) if as_json else f"patients {doc['patients']}  events {doc['events']}  quarantined 0")
+    typer.echo(json.dumps(doc) if as_json else
+               f"patients {doc['patients']}  events {doc['events']}  quarantined {doc['quarantined']}")
 
 
 @site_app.command("export-snapshot")

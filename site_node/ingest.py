@@ -17,6 +17,8 @@ import pandas as pd
 from evoclone.federated.record import Arm, Event, Outcomes, PatientRecord
 from evoclone.privacy.pseudonym import Pseudonymizer, age_at, zip3
 
+from .units import UnitError, normalize
+
 PATIENT_COLUMNS = ("mrn", "birth_date", "sex", "enrollment_date", "arm")
 OPTIONAL_PATIENT_COLUMNS = ("bmi", "genotype", "diabetes", "hypertension", "ckd", "prior_mi", "zip",
                             "followup_end_date", "event", "response_wk24", "ldl_wk24")
@@ -60,7 +62,8 @@ def _num(value: object) -> float | None:
     return v
 
 
-def _read(path: Path, required: tuple[str, ...], issues: list[IngestIssue]) -> pd.DataFrame | None:
+def _read(path: Path, required: tuple[str, ...], issues: list[IngestIssue], *, known: tuple[str, ...] = (),
+          rename: dict[str, str] | None = None) -> pd.DataFrame | None:
     if not path.is_file():
         issues.append(IngestIssue(path.name, "file", "-", "file not found"))
         return None
@@ -69,23 +72,58 @@ def _read(path: Path, required: tuple[str, ...], issues: list[IngestIssue]) -> p
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         issues.append(IngestIssue(path.name, "file", "-", f"not a readable UTF-8 CSV ({type(exc).__name__})"))
         return None
+    if rename:
+        df = df.rename(columns={theirs: ours for ours, theirs in rename.items()})
     missing = [c for c in required if c not in df.columns]
     if missing:
-        issues.append(IngestIssue(path.name, "header", ",".join(missing), "required column missing"))
+        issues.append(IngestIssue(path.name, "header", ",".join(missing), "required column missing; "
+                                  "map it with --mapping if it has another name"))
+        return None
+    extra = [c for c in df.columns if c not in (*required, *known)]
+    if extra:
+        issues.append(IngestIssue(path.name, "header", ",".join(extra), "unknown column; map or remove it"))
+        return None
+    if df.empty:
+        issues.append(IngestIssue(path.name, "file", "-", "no data rows"))
         return None
     return df
 
 
-def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str,
-                 pseudonymizer: Pseudonymizer) -> list[PatientRecord]:
-    """Parse, validate and anonymize one extract; raise IngestError listing every bad row."""
+def load_mapping(path: Path | None) -> dict[str, dict[str, str]]:
+    """A YAML mapping {patients: {our_name: their_name}, events: {...}}; empty when no file."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not a readable YAML mapping ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or not set(doc) <= {"patients", "events"} or \
+            not all(isinstance(v, dict) for v in doc.values()):
+        raise ValueError(f"{path}: mapping must have 'patients' and/or 'events' sections of column: name pairs")
+    return {k: {str(a): str(b) for a, b in v.items()} for k, v in doc.items()}
+
+
+def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseudonymizer: Pseudonymizer,
+                 mapping: dict[str, dict[str, str]] | None = None, allow_partial: bool = False
+                 ) -> tuple[list[PatientRecord], list[IngestIssue]]:
+    """Parse, validate and anonymize one extract.
+
+    Returns the good records and the issues of the rows left out; without `allow_partial`
+    any issue raises IngestError instead (the batch is all or nothing). File-level
+    problems (unreadable file, missing or unknown columns) always raise.
+    """
+    mapping = mapping or {}
     issues: list[IngestIssue] = []
-    pat = _read(patients_csv, PATIENT_COLUMNS, issues)
-    ev = _read(events_csv, EVENT_COLUMNS, issues) if events_csv is not None else None
+    pat = _read(patients_csv, PATIENT_COLUMNS, issues, known=(*OPTIONAL_PATIENT_COLUMNS, *DROPPED, "name"),
+                rename=mapping.get("patients"))
+    ev = _read(events_csv, EVENT_COLUMNS, issues, known=(), rename=mapping.get("events")) if events_csv else None
     if pat is None or issues:
         raise IngestError(issues)
     src = patients_csv.name
     enrol_of: dict[str, date] = {}
+    birth_of: dict[str, date] = {}
     base: dict[str, dict] = {}
     seen: set[str] = set()
     for i, row in enumerate(pat.to_dict("records"), start=2):  # line 1 is the header
@@ -102,6 +140,9 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str,
             enrol = _date(row["enrollment_date"])
         except ValueError:
             issues.append(IngestIssue(src, loc, "enrollment_date", "not a date (YYYY-MM-DD)"))
+            continue
+        if enrol > date.today():
+            issues.append(IngestIssue(src, loc, "enrollment_date", "in the future"))
             continue
         try:
             birth = _date(row["birth_date"])
@@ -142,6 +183,7 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str,
             issues.append(IngestIssue(src, loc, "zip", "fewer than three digits"))
             continue
         enrol_of[mrn] = enrol
+        birth_of[mrn] = birth
         base[mrn] = {
             "arm": int(row["arm"]), "outcomes": outcomes, "index_date": pseudonymizer.shift(enrol, mrn),
             "baseline": {"age": float(age), "sex": row["sex"].strip().upper()[:1] or None, "bmi": numbers["bmi"],
@@ -157,20 +199,35 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str,
                 if mrn not in seen:
                     issues.append(IngestIssue(esrc, f"line {i}", "mrn", "event of a patient not in the patients file"))
                 continue
+            loc = f"line {i}"
             try:
-                t = float((_date(row["date"]) - enrol_of[mrn]).days)
-                value = _num(row["value"])
-                events[mrn].append(Event(time=t, code=row["code"].strip(), value=value,
-                                         unit=row["unit"].strip() or None))
-            except ValueError as exc:
-                field = "date" if "date" in str(exc).lower() or "isoformat" in str(exc) else "value/code"
-                issues.append(IngestIssue(esrc, f"line {i}", field, "not a valid date, number or code"))
-    if issues:
+                day = _date(row["date"])
+            except ValueError:
+                issues.append(IngestIssue(esrc, loc, "date", "not a date (YYYY-MM-DD)"))
+                continue
+            if day > date.today() or day < birth_of[mrn]:
+                issues.append(IngestIssue(esrc, loc, "date", "in the future" if day > date.today() else "before birth"))
+                continue
+            code = row["code"].strip()
+            if not code:
+                issues.append(IngestIssue(esrc, loc, "code", "empty code"))
+                continue
+            try:
+                value, unit = normalize(code, _num(row["value"]), row["unit"].strip() or None)
+            except UnitError as exc:
+                issues.append(IngestIssue(esrc, loc, "value", str(exc)))
+                continue
+            except ValueError:
+                issues.append(IngestIssue(esrc, loc, "value", "not a number"))
+                continue
+            events[mrn].append(Event(time=float((day - enrol_of[mrn]).days), code=code, value=value, unit=unit))
+    if issues and not allow_partial:
         raise IngestError(issues)
-    return [PatientRecord(patient_id=pseudonymizer.pseudonym(m), site=site, index_date=b["index_date"],
-                          baseline=b["baseline"], arm=Arm(b["arm"]), events=tuple(events[m]),
-                          outcomes=Outcomes(**b["outcomes"]))
-            for m, b in base.items()]
+    records = [PatientRecord(patient_id=pseudonymizer.pseudonym(m), site=site, index_date=b["index_date"],
+                             baseline=b["baseline"], arm=Arm(b["arm"]), events=tuple(events[m]),
+                             outcomes=Outcomes(**b["outcomes"]))
+               for m, b in base.items()]
+    return records, issues
 
 
 def _is_num(value: object) -> bool:

@@ -45,12 +45,17 @@ def rotate_master_key(*, site_dir: Path) -> dict[str, object]:
     return {"active": new_id, "rewrapped_data_keys": n, "retired": sorted(old.keys)}
 
 
-def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | None) -> dict[str, int]:
-    """Validate, anonymize and store one CSV extract atomically; returns the store's counts."""
+def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | None,
+                   mapping_file: Path | None = None, allow_partial: bool = False) -> dict[str, object]:
+    """Validate, anonymize and store one CSV extract atomically; returns counts and rejected rows."""
+    from .ingest import load_mapping
+
     settings = get_settings(site_dir)
-    records = read_extract(patients_csv, events_csv, site=settings.name,
-                           pseudonymizer=Pseudonymizer(key=load_key(settings)))
-    return _store(settings, records)
+    records, issues = read_extract(patients_csv, events_csv, site=settings.name,
+                                   pseudonymizer=Pseudonymizer(key=load_key(settings)),
+                                   mapping=load_mapping(mapping_file), allow_partial=allow_partial)
+    counts = _store(settings, records, quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
+    return {**counts, "rejected": len(issues), "errors": [vars(i) for i in issues]}
 
 
 def ingest_fhir(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
@@ -62,10 +67,12 @@ def ingest_fhir(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
     return {**_store(settings, result.records), "skipped_resources": dict(result.skipped)}
 
 
-def _store(settings: SiteSettings, records) -> dict[str, int]:
+def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
+    import uuid
+
     store = open_store(settings)
     try:
-        written = store.upsert_records(records=records)
+        written = store.upsert_records(records=records, quarantine=quarantine, batch=uuid.uuid4().hex)
         return {"accepted": len(records), "written": written, **store.counts()}
     finally:
         store.close()

@@ -52,6 +52,20 @@ class PatientRow(PatientBase, table=True):
     ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class QuarantineRow(SQLModel, table=True):
+    """A rejected row kept with its reason (`--allow-partial`); never the row's content."""
+
+    __tablename__ = "quarantine"
+
+    id: int | None = Field(default=None, primary_key=True)
+    batch: str = Field(index=True)
+    source: str
+    location: str
+    field: str
+    reason: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
 class SiteStore:
     """Keyword-only data access over one site's database."""
 
@@ -59,16 +73,21 @@ class SiteStore:
         self.engine = create_engine(url)
         self.keyring = keyring
         self._mac_key = mac_key
-        SQLModel.metadata.create_all(self.engine, tables=[DataKeyRow.__table__, PatientRow.__table__])
+        SQLModel.metadata.create_all(self.engine, tables=[DataKeyRow.__table__, PatientRow.__table__,
+                                                          QuarantineRow.__table__])
 
     def _mac(self, payload: bytes) -> str:
         return hmac.new(self._mac_key, b"record\x1f" + payload, hashlib.sha256).hexdigest()
 
-    def upsert_records(self, *, records: Iterable[PatientRecord]) -> int:
-        """Insert or update records in one transaction (all or nothing); returns rows written."""
+    def upsert_records(self, *, records: Iterable[PatientRecord],
+                       quarantine: Iterable[tuple[str, str, str, str]] = (), batch: str = "") -> int:
+        """Insert or update records, and quarantine rejected rows (source, location, field,
+        reason), in one transaction (all or nothing); returns records written."""
         written = 0
         data_key = new_key()
         with Session(self.engine) as session, session.begin():
+            for source, location, field, reason in quarantine:
+                session.add(QuarantineRow(batch=batch, source=source, location=location, field=field, reason=reason))
             w = wrap(data_key, master_key=self.keyring.active_key, master_id=self.keyring.active)
             key_row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
             session.add(key_row)
@@ -111,7 +130,8 @@ class SiteStore:
         with Session(self.engine) as session:
             patients = session.exec(select(func.count()).select_from(PatientRow)).one()
             events = session.exec(select(func.coalesce(func.sum(PatientRow.n_events), 0))).one()
-        return {"patients": int(patients), "events": int(events)}
+            quarantined = session.exec(select(func.count()).select_from(QuarantineRow)).one()
+        return {"patients": int(patients), "events": int(events), "quarantined": int(quarantined)}
 
     def rewrap_data_keys(self, *, new_keyring: Keyring) -> int:
         """Re-wrap every data key under `new_keyring`'s active key in one transaction."""

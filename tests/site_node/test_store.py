@@ -53,7 +53,7 @@ def test_roundtrip_idempotence_and_update(store):
     recs = store.records()
     assert [r.patient_id for r in recs] == ["P-" + "a" * 32, "P-" + "b" * 32]
     assert recs[0].events[0].value == 2.0
-    assert store.counts() == {"patients": 2, "events": 2}
+    assert store.counts() == {"patients": 2, "events": 2, "quarantined": 0}
 
 
 def test_records_are_encrypted_at_rest(store, db_url):

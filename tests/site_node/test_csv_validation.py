@@ -1,0 +1,94 @@
+"""CSV extracts: column mapping, row-level validation, partial ingest with quarantine."""
+
+import pandas as pd
+import pytest
+
+from evoclone.site_node.ingest import IngestError
+from evoclone.site_node.pipeline import ingest_extract, open_store
+from evoclone.site_node.settings import get_settings
+
+
+def _copy(small_cohort, tmp_path, site="site-1"):
+    _, out = small_cohort
+    pat = pd.read_csv(out / site / "patients.csv", dtype=str, keep_default_na=False)
+    ev = pd.read_csv(out / site / "events.csv", dtype=str, keep_default_na=False)
+    return pat, ev
+
+
+def _write(tmp_path, pat, ev):
+    pat.to_csv(tmp_path / "patients.csv", index=False)
+    ev.to_csv(tmp_path / "events.csv", index=False)
+    return tmp_path / "patients.csv", tmp_path / "events.csv"
+
+
+def test_mapping_file_renames_columns(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    pat = pat.rename(columns={"mrn": "patient_id", "birth_date": "dob"})
+    ev = ev.rename(columns={"mrn": "patient_id", "date": "obs_date"})
+    p, e = _write(tmp_path, pat, ev)
+    with pytest.raises(IngestError, match="required column missing"):
+        ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("patients:\n  mrn: patient_id\n  birth_date: dob\nevents:\n  mrn: patient_id\n  date: obs_date\n")
+    counts = ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e, mapping_file=mapping)
+    assert counts["patients"] == len(pat) and counts["rejected"] == 0
+
+
+def test_unknown_column_is_refused(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    pat["favourite_colour"] = "blue"
+    p, e = _write(tmp_path, pat, ev)
+    with pytest.raises(IngestError, match="favourite_colour: unknown column"):
+        ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+
+
+def test_units_converted_and_ranges_checked(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    ldl = ev.index[ev["code"] == "13457-7"][0]
+    ev.loc[ldl, ["value", "unit"]] = ["3.0", "mmol/L"]  # 116.01 mg/dL
+    p, e = _write(tmp_path, pat, ev)
+    ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+    values = [ev_.value for r in open_store(get_settings(site_dir)).records() for ev_ in r.events
+              if ev_.code == "13457-7" and ev_.unit == "mg/dL"]
+    assert 116.01 in values
+
+    for value, unit, reason in (("900", "mg/dL", "physiological range"), ("3", "furlongs", "not convertible"),
+                                ("abc", "mg/dL", "not a number")):
+        bad = ev.copy()
+        bad.loc[ldl, ["value", "unit"]] = [value, unit]
+        p, e = _write(tmp_path, pat, bad)
+        with pytest.raises(IngestError, match=reason) as info:
+            ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+        assert f"line {ldl + 2}" in str(info.value)
+
+
+def test_dates_in_future_or_before_birth(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    for when, reason in (("2999-01-01", "in the future"), ("1900-01-01", "before birth")):
+        bad = ev.copy()
+        bad.loc[0, "date"] = when
+        p, e = _write(tmp_path, pat, bad)
+        with pytest.raises(IngestError, match=reason):
+            ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+
+
+def test_allow_partial_quarantines_bad_rows_without_their_content(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    pat.loc[3, "birth_date"] = "not-a-date"
+    ev.loc[5, "value"] = "99999"
+    p, e = _write(tmp_path, pat, ev)
+    with pytest.raises(IngestError):
+        ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+    assert open_store(get_settings(site_dir)).counts() == {"patients": 0, "events": 0, "quarantined": 0}
+    counts = ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e, allow_partial=True)
+    assert counts["rejected"] >= 2 and counts["quarantined"] == counts["rejected"]
+    assert counts["patients"] == len(pat) - 1
+    assert {x["field"] for x in counts["errors"]} >= {"birth_date", "value"}
+    db = (site_dir / "site.db").read_bytes()
+    assert b"not-a-date" not in db and pat.loc[3, "mrn"].encode() not in db
+
+
+def test_empty_file_is_refused(site_dir, tmp_path):
+    (tmp_path / "patients.csv").write_text("")
+    with pytest.raises(IngestError, match="patients.csv"):
+        ingest_extract(site_dir=site_dir, patients_csv=tmp_path / "patients.csv", events_csv=None)
