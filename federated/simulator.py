@@ -31,6 +31,11 @@ STUDY_END = date(2025, 6, 30)
 DROPOUT_MEAN_DAYS = 8 * 365.0
 LAB_MEASURED_P = 0.85
 
+# code -> plausible measured range; trajectories are clipped to it like a lab would report
+LAB_BOUNDS: dict[str, tuple[float, float]] = {
+    "13457-7": (15.0, 400.0), "4548-4": (4.0, 15.0), "33914-3": (5.0, 150.0), "1988-5": (0.1, 300.0),
+    "8480-6": (80.0, 240.0),
+}
 # code -> (unit, per-measurement noise sd)
 LABS: dict[str, tuple[str, float]] = {
     "13457-7": ("mg/dL", 8.0),  # LDL cholesterol
@@ -249,7 +254,7 @@ def _timeline(p: SiteProfile, mrn, enrol, follow, arm, base, slope, rng) -> pd.D
         value = np.where(t == 0, base[code][:, None], value)  # baseline is the enrolment value
         ii, jj = np.nonzero(measured)
         rows.append(pd.DataFrame({"i": ii, "t": t[ii, jj], "code": code,
-                                  "value": np.round(np.maximum(value[ii, jj], 0.1), 2), "unit": unit}))
+                                  "value": np.round(np.clip(value[ii, jj], *LAB_BOUNDS[code]), 2), "unit": unit}))
     ev = pd.concat(rows, ignore_index=True).sort_values(["i", "t", "code"], kind="stable")
     enrol_ord = np.array([e.toordinal() for e in enrol])
     ords = enrol_ord[ev["i"].to_numpy()] + ev["t"].to_numpy().astype(int)

@@ -80,3 +80,17 @@ def test_censoring_present_and_bad_arguments_rejected(big):
     assert 0.1 < pat["event"].mean() < 0.9
     with pytest.raises(ValueError):
         simulate_cohort(patients=2, sites=3, seed=0)
+
+
+def test_simulated_labs_pass_site_validation(big):
+    import pandas as pd
+
+    from evoclone.site_node.units import normalize
+
+    ev = pd.concat(big.events.values())
+    for code, unit, value in ev[["code", "unit", "value"]].drop_duplicates(["code", "unit"]).itertuples(index=False):
+        normalize(code, value, unit)
+    for code, g in ev.groupby("code"):
+        lo, hi = g["value"].min(), g["value"].max()
+        normalize(code, lo, g["unit"].iloc[0])
+        normalize(code, hi, g["unit"].iloc[0])
