@@ -158,3 +158,51 @@ def rotate_key(site_dir: SiteDir, as_json: AsJson = False) -> None:
     result = rotate_master_key(site_dir=site_dir)
     typer.echo(json.dumps(result) if as_json else
                f"master key {result['active']} active; {result['rewrapped_data_keys']} data keys re-wrapped")
+
+
+@site_app.command("privacy-report")
+def privacy_report(site_dir: SiteDir,
+                   k: Annotated[int, typer.Option(help="target k of k-anonymity")] = 5,
+                   quasi: Annotated[str, typer.Option(help="quasi-identifiers, comma separated")] = "age,sex,zip3",
+                   sensitive: Annotated[str | None, typer.Option(help="sensitive attribute for l-diversity")] = None,
+                   max_suppression: Annotated[float, typer.Option(help="largest share of records to suppress")] = 0.05,
+                   as_json: AsJson = False) -> None:
+    """k-anonymity and l-diversity of the stored baseline, and the generalization that reaches k.
+
+    Example: evoclone site privacy-report --site-dir /srv/evoclone/site --k 5 --sensitive diabetes --json
+    """
+    from evoclone.privacy.kanon import anonymize, measure
+    from evoclone.site_node.pipeline import open_store
+
+    from .main import fail
+
+    if k < 1 or not 0 <= max_suppression < 1:
+        raise fail("--k must be at least 1 and --max-suppression in [0, 1)", 2)
+    qis = [q.strip() for q in quasi.split(",") if q.strip()]
+    store = open_store(_settings(site_dir))
+    try:
+        rows = [{**r.baseline} for r in store.records()]
+    finally:
+        store.close()
+    if not rows:
+        raise fail(f"site {site_dir} holds no patients; ingest first", 2)
+    unknown = [q for q in [*qis, *([sensitive] if sensitive else [])] if all(q not in r for r in rows)]
+    if unknown:
+        raise fail(f"unknown attribute {unknown[0]!r}; baseline attributes are {sorted(rows[0])}", 2)
+    before = measure(rows, qis, k=k, sensitive=sensitive)
+    _, after = anonymize(rows, qis, k=k, sensitive=sensitive, max_suppression=max_suppression)
+    doc = {"as_stored": before.to_dict(), "to_reach_k": after.to_dict()}
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"k-anonymity over {', '.join(qis)} (target k={k})")
+    for col in ("", "classes", "smallest class", "records below k", "min l", "suppressed", "generalization"):
+        t.add_column(col)
+    for label, r in (("as stored", before), ("after generalization", after)):
+        t.add_row(label, str(r.equivalence_classes), str(r.min_class_size), str(r.records_below_k),
+                  "-" if r.min_l is None else str(r.min_l), str(r.suppressed),
+                  ", ".join(f"{a}: {g}" for a, g in r.generalization.items()) or "-")
+    Console().print(t)

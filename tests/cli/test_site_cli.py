@@ -45,3 +45,19 @@ def test_site_commands_on_a_non_site_directory(tmp_path):
     assert r.exit_code == 2 and "site init" in r.stderr
     r = runner.invoke(app, ["site", "init", "--site-dir", str(tmp_path / "s"), "--name", "bad name!"])
     assert r.exit_code == 2 and "name" in r.stderr and not (tmp_path / "s").exists()
+
+
+def test_privacy_report(small_cohort, tmp_path):
+    _, out = small_cohort
+    site = tmp_path / "s"
+    runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "s"])
+    runner.invoke(app, ["site", "ingest", str(out / "site-2"), "--site-dir", str(site)])
+    r = runner.invoke(app, ["site", "privacy-report", "--site-dir", str(site), "--k", "5", "--sensitive", "diabetes", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["as_stored"]["records"] == 80 and doc["as_stored"]["records_below_k"] > 0  # exact ages are rare
+    after = doc["to_reach_k"]
+    assert after["records_below_k"] == 0 and after["suppressed"] <= 0.05 * 80
+    assert after["generalization"]["age"] != "exact"
+    bad = runner.invoke(app, ["site", "privacy-report", "--site-dir", str(site), "--quasi", "shoe_size"])
+    assert bad.exit_code == 2 and "shoe_size" in bad.stderr
