@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from datetime import date
 from enum import IntEnum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Arm(IntEnum):
@@ -21,17 +20,12 @@ class Event(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    time: float = Field(description="days since the index date (negative: history before it)")
+    # finiteness is checked by pydantic's core (allow_inf_nan), not a Python validator:
+    # records hold millions of events
+    time: float = Field(allow_inf_nan=False, description="days since the index date (negative: history before it)")
     code: str = Field(min_length=1, description="coded concept, e.g. a LOINC code")
-    value: float | None = None
+    value: float | None = Field(None, allow_inf_nan=False)
     unit: str | None = None
-
-    @field_validator("time", "value")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 class Outcomes(BaseModel):

@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from sqlalchemy import LargeBinary, func
+from sqlalchemy import LargeBinary, func, insert, update
 from sqlmodel import Column, Field, Session, SQLModel, create_engine, select
 
 from evoclone.federated.record import PatientRecord
@@ -92,20 +92,27 @@ class SiteStore:
             key_row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
             session.add(key_row)
             session.flush()
-            for r in records:
-                payload = r.model_dump_json().encode()
+            prepared = [(r, r.model_dump_json().encode()) for r in records]
+            existing: dict[str, str] = {}
+            ids = [r.patient_id for r, _ in prepared]
+            for i in range(0, len(ids), 5000):  # one query per chunk instead of one per record
+                chunk = ids[i:i + 5000]
+                existing.update(session.exec(select(PatientRow.pseudonym, PatientRow.content_mac)
+                                             .where(PatientRow.pseudonym.in_(chunk))).all())
+            inserts, updates = [], []
+            for r, payload in prepared:
                 mac = self._mac(payload)
-                row = session.get(PatientRow, r.patient_id)
-                if row is not None and row.content_mac == mac:
+                if existing.get(r.patient_id) == mac:
                     continue  # same content already stored: idempotent re-ingest
-                sealed = seal(payload, data_key=data_key, context=r.patient_id.encode())
-                if row is None:
-                    row = PatientRow(pseudonym=r.patient_id, site=r.site, n_events=len(r.events), content_mac=mac,
-                                     data_key_id=key_row.id, ciphertext=sealed)
-                else:
-                    row.content_mac, row.n_events, row.data_key_id, row.ciphertext = mac, len(r.events), key_row.id, sealed
-                session.add(row)
-                written += 1
+                row = {"pseudonym": r.patient_id, "site": r.site, "n_events": len(r.events), "content_mac": mac,
+                       "data_key_id": key_row.id,
+                       "ciphertext": seal(payload, data_key=data_key, context=r.patient_id.encode())}
+                (updates if r.patient_id in existing else inserts).append(row)
+            if inserts:  # executemany: one round trip per batch on PostgreSQL and SQLite
+                session.execute(insert(PatientRow), inserts)
+            if updates:
+                session.execute(update(PatientRow), updates)
+            written = len(inserts) + len(updates)
             if written == 0:
                 session.delete(key_row)
         return written
