@@ -64,7 +64,7 @@ def _csv_pair(paths: list[Path]) -> tuple[Path, Path | None]:
 
 @site_app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a directory")], site_dir: SiteDir,
-           fmt: Annotated[str | None, typer.Option("--format", help="fhir or csv (default: from the file names)")] = None,
+           fmt: Annotated[str | None, typer.Option("--format", help="fhir, omop or csv (default: from the file names)")] = None,
            mapping: Annotated[Path | None, typer.Option(help="YAML column mapping for CSV extracts")] = None,
            allow_partial: Annotated[bool, typer.Option(help="store good rows; quarantine bad ones with their reasons")] = False,
            as_json: AsJson = False) -> None:
@@ -73,7 +73,8 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
     Example: evoclone site ingest ./extract/patients.csv ./extract/events.csv --site-dir /srv/evoclone/site --json
     """
     from evoclone.site_node.ingest import IngestError
-    from evoclone.site_node.pipeline import ingest_extract, ingest_fhir
+    from evoclone.site_node.omop import CLINICAL
+    from evoclone.site_node.pipeline import ingest_extract, ingest_fhir, ingest_omop
 
     from .main import err, fail
 
@@ -84,14 +85,18 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
     files = [f for p in paths for f in (sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p])]
     if not files:
         raise fail("no files to ingest in the given paths", 2)
-    kinds = {"fhir" if f.suffix.lower() in (".json", ".ndjson") else "csv" if f.suffix.lower() == ".csv" else "?"
-             for f in files}
+    omop_tables = {"person", *CLINICAL}
+    kinds = {"fhir" if f.suffix.lower() in (".json", ".ndjson") else
+             "omop" if f.suffix.lower() == ".csv" and f.stem.lower() in omop_tables else
+             "csv" if f.suffix.lower() == ".csv" else "?" for f in files}
     fmt = fmt or (kinds.pop() if len(kinds) == 1 else None)
-    if fmt not in ("fhir", "csv"):
-        raise fail("cannot tell the format from mixed or unknown file types; pass --format fhir|csv and one kind of file", 2)
+    if fmt not in ("fhir", "omop", "csv"):
+        raise fail("cannot tell the format from mixed or unknown file types; pass --format fhir|omop|csv and one kind of file", 2)
     try:
         if fmt == "fhir":
             counts = ingest_fhir(site_dir=site_dir, paths=files)
+        elif fmt == "omop":
+            counts = ingest_omop(site_dir=site_dir, paths=files)
         else:
             patients_csv, events_csv = _csv_pair(files)
             counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv,

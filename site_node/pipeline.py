@@ -67,6 +67,14 @@ def ingest_fhir(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
     return {**_store(settings, result.records), "skipped_resources": dict(result.skipped)}
 
 
+def ingest_omop(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
+    """Validate, anonymize and store an OMOP CDM CSV export atomically."""
+    from .omop import read_omop
+
+    settings = get_settings(site_dir)
+    return _store(settings, read_omop(paths, site=settings.name, pseudonymizer=Pseudonymizer(key=load_key(settings))))
+
+
 def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
     import uuid
 
