@@ -78,9 +78,21 @@ def ingest_omop(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
 def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
     import uuid
 
+    from evoclone.federated.stores.eventlog import open_event_log
+
+    batch = uuid.uuid4().hex
     store = open_store(settings)
     try:
-        written = store.upsert_records(records=records, quarantine=quarantine, batch=uuid.uuid4().hex)
+        records = list(records)
+        quarantine = list(quarantine)
+        written = store.upsert_records(records=records, quarantine=quarantine, batch=batch)
+        log = open_event_log(settings.event_log_url)
+        try:  # an aggregate, identifier-free trace of the batch
+            log.append(kind="ingest", document={"batch": batch, "records": len(records), "written": written,
+                                                "quarantined": len(quarantine),
+                                                "events": sum(len(r.events) for r in records)})
+        finally:
+            log.close()
         return {"accepted": len(records), "written": written, **store.counts()}
     finally:
         store.close()

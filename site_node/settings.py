@@ -23,6 +23,8 @@ class SiteSettings(BaseSettings):
     site_dir: Path
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     database_url: str = ""
+    events_url: str = ""  # mongodb://... in production; SQLite JSON in the site directory by default
+    cache_url: str = ""  # redis://... in production; in-process by default
     epsilon_budget: float = Field(3.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
 
@@ -30,6 +32,11 @@ class SiteSettings(BaseSettings):
     def db_url(self) -> str:
         """The transactional store: SQLite inside the site directory unless configured."""
         return self.database_url or f"sqlite:///{(self.site_dir / 'site.db').resolve()}"
+
+    @property
+    def event_log_url(self) -> str:
+        """The events and logs store."""
+        return self.events_url or f"sqlite:///{(self.site_dir / 'events.db').resolve()}"
 
     @property
     def key_path(self) -> Path:

@@ -35,6 +35,11 @@ def test_ingest_anonymizes_and_is_idempotent(small_cohort, site_dir):
     again = ingest_extract(site_dir=site_dir, patients_csv=out / "site-1" / "patients.csv",
                            events_csv=out / "site-1" / "events.csv")
     assert again["written"] == 0 and again["patients"] == len(pat)
+    from evoclone.federated.stores.eventlog import open_event_log
+
+    log = open_event_log(get_settings(site_dir).event_log_url)
+    batches = log.query(kind="ingest")
+    assert [b["written"] for b in batches] == [0, len(pat)] and batches[1]["records"] == len(pat)
     export_snapshot(site_dir=site_dir)
     blob = _site_bytes(site_dir)
     for col in ("mrn", "name", "phone", "birth_date"):

@@ -1,0 +1,1 @@
+"""Store interfaces shared by the services, each with an embedded default and a production backend."""
