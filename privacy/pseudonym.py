@@ -56,9 +56,15 @@ def age_at(birth: date, when: date, *, top_code: int = 90) -> int:
     return min(years, top_code)
 
 
+# 3-digit ZIP areas with 20,000 people or fewer (2000 US Census, as HHS lists them for
+# Safe Harbor): they must be reported as 000
+SMALL_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
+                        "878", "879", "884", "890", "893"})
+
+
 def zip3(zip_code: str) -> str:
-    """The first three digits of a US ZIP code (Safe Harbor generalization)."""
+    """The first three digits of a US ZIP code, or 000 for sparsely populated areas (Safe Harbor)."""
     digits = "".join(ch for ch in str(zip_code) if ch.isdigit())
     if len(digits) < 3:
         raise ValueError("ZIP code has fewer than three digits")
-    return digits[:3]
+    return "000" if digits[:3] in SMALL_ZIP3 else digits[:3]

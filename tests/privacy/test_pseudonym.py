@@ -58,5 +58,6 @@ def test_age_top_coded_and_zip_truncated():
     with pytest.raises(ValueError):
         age_at(date(2021, 1, 1), date(2020, 1, 1))
     assert zip3("02139-1234") == "021"
+    assert zip3("82301") == "000" and zip3("69201") == "000"  # sparsely populated areas are suppressed
     with pytest.raises(ValueError):
         zip3("12")
