@@ -99,9 +99,10 @@ def _code(cc, default: str) -> str:
     if cc is None or not cc.coding:
         return default
     c = cc.coding[0]
-    system = (c.system or "").rsplit("/", 1)[-1].upper().replace("SNOMED", "SNOMED").replace("LOINC.ORG", "LOINC")
-    prefix = {"LOINC": "", "LOINC.ORG": ""}.get(system, f"{system}:" if system else "")
-    return f"{prefix}{c.code}"
+    # LOINC codes stay bare (they are the lab codes every adapter shares); other systems
+    # keep a short prefix from the end of their URI (sct, cvx, rxnorm, ...)
+    system = (c.system or "").rstrip("/").rsplit("/", 1)[-1].upper()
+    return str(c.code) if system in ("LOINC.ORG", "") else f"{system}:{c.code}"
 
 
 def _subject(res: dict) -> str | None:

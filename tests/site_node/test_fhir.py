@@ -109,3 +109,47 @@ def test_bad_fhir_is_refused_and_store_unchanged(tmp_path):
         with pytest.raises(IngestError, match=needle):
             ingest_fhir(site_dir=site, paths=[path])
     assert open_store(get_settings(site)).counts() == before
+
+
+def test_ndjson_bulk_export_with_more_resource_types(tmp_path):
+    site = tmp_path / "site"
+    init_site(site, name="s")
+    ref = {"reference": "Patient/p1"}
+    resources = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1931-05-02",
+         "name": [{"given": ["Ada"], "family": "Quill"}], "address": [{"postalCode": "82301"}]},
+        {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"}, "subject": ref,
+         "period": {"start": "2024-01-10T09:00:00Z"}},
+        {"resourceType": "Immunization", "id": "i1", "status": "completed", "patient": ref,
+         "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140"}]},
+         "occurrenceDateTime": "2024-01-10"},
+        {"resourceType": "AllergyIntolerance", "id": "a1", "patient": ref, "recordedDate": "2024-01-11",
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91936005"}]}},
+        {"resourceType": "MedicationStatement", "id": "m1", "status": "active", "subject": ref,
+         "effectiveDateTime": "2024-01-12",
+         "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "617314"}]}},
+        {"resourceType": "Observation", "id": "o1", "status": "final", "subject": ref, "effectiveDateTime": "2024-01-10",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+         "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                        "valueQuantity": {"value": 142, "unit": "mmHg", "code": "mm[Hg]"}},
+                       {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                        "valueQuantity": {"value": 88, "unit": "mmHg", "code": "mm[Hg]"}}]},
+        {"resourceType": "Observation", "id": "o2", "status": "final", "subject": ref, "effectiveDateTime": "2024-01-10",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "13457-7"}]},
+         "valueQuantity": {"value": 3.1, "unit": "mmol/L", "code": "mmol/L"}},
+        {"resourceType": "Observation", "id": "o3", "status": "final", "subject": ref, "effectiveDateTime": "2024-01-10",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "72166-2"}]},
+         "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "266919005"}]}},
+        {"resourceType": "Basic", "id": "b1", "code": {"text": "x"}},
+    ]
+    path = tmp_path / "export.ndjson"
+    path.write_text("\n".join(json.dumps(r) for r in resources) + "\n")
+    counts = ingest_fhir(site_dir=site, paths=[path])
+    assert counts["skipped_resources"] == {"Basic": 1}
+    r = open_store(get_settings(site)).records()[0]
+    assert r.baseline == {"age": 90.0, "sex": "F", "zip3": "000"}  # top-coded age, small ZIP area
+    codes = {e.code: e for e in r.events}
+    assert {"Immunization:CVX:140", "AllergyIntolerance:SCT:91936005", "8480-6", "8462-4", "13457-7"} <= set(codes)
+    assert any(c.startswith("MedicationStatement:") for c in codes) and any(c.startswith("72166-2=") for c in codes)
+    assert codes["13457-7"].value == pytest.approx(119.877) and codes["13457-7"].unit == "mg/dL"
+    assert codes["8480-6"].value == 142 and codes["Immunization:CVX:140"].time == 0
