@@ -73,8 +73,9 @@ class SiteStore:
         self.engine = create_engine(url)
         self.keyring = keyring
         self._mac_key = mac_key
-        SQLModel.metadata.create_all(self.engine, tables=[DataKeyRow.__table__, PatientRow.__table__,
-                                                          QuarantineRow.__table__])
+        from .migrate import upgrade
+
+        upgrade(self.engine)  # Alembic: the same migrations on SQLite and PostgreSQL
 
     def _mac(self, payload: bytes) -> str:
         return hmac.new(self._mac_key, b"record\x1f" + payload, hashlib.sha256).hexdigest()

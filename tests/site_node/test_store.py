@@ -103,3 +103,21 @@ def test_rotate_key_rewraps_without_reencrypting(small_cohort, site_dir):
         masters = {r[0] for r in c.execute(sa.text("SELECT master_id FROM data_key")).all()}
     assert before == after and masters == {"k2"}  # data untouched, keys re-wrapped
     assert len(open_store(settings).records()) == len(before)
+
+
+def test_migrations_create_exactly_the_orm_schema(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    from evoclone.site_node.migrate import current, upgrade
+
+    engine = sa.create_engine(db_url)
+    assert current(engine) is None
+    upgrade(engine)
+    upgrade(engine)  # idempotent
+    assert current(engine) == "0001"
+    with engine.connect() as c:
+        diff = compare_metadata(MigrationContext.configure(c), SQLModel.metadata)
+    assert [d for d in diff if "event_log" not in str(d)] == []
+    engine.dispose()

@@ -1,0 +1,26 @@
+"""Bring a site database to the newest schema with Alembic (idempotent)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Run every pending migration on `engine` inside one transaction."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(files("evoclone.site_node") / "migrations"))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def current(engine: sa.Engine) -> str | None:
+    """The schema revision a database is at (None before the first migration)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the site's transactional store (SQLite and PostgreSQL)."""

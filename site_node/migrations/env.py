@@ -1,0 +1,12 @@
+"""Alembic environment: the URL and connection come from the caller (`upgrade()`), never a file."""
+
+from alembic import context
+from sqlmodel import SQLModel
+
+from evoclone.site_node import store  # noqa: F401 (registers the tables on SQLModel.metadata)
+
+connection = context.config.attributes.get("connection")
+context.configure(connection=connection, target_metadata=SQLModel.metadata,
+                  render_as_batch=connection.dialect.name == "sqlite")
+with context.begin_transaction():
+    context.run_migrations()
