@@ -64,12 +64,12 @@ def _num(value: object) -> float | None:
 
 
 def _read(path: Path, required: tuple[str, ...], issues: list[IngestIssue], *, known: tuple[str, ...] = (),
-          rename: dict[str, str] | None = None) -> pd.DataFrame | None:
+          rename: dict[str, str] | None = None, nrows: int | None = None) -> pd.DataFrame | None:
     if not path.is_file():
         issues.append(IngestIssue(path.name, "file", "-", "file not found"))
         return None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", nrows=nrows)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         issues.append(IngestIssue(path.name, "file", "-", f"not a readable UTF-8 CSV ({type(exc).__name__})"))
         return None
@@ -108,10 +108,11 @@ def load_mapping(path: Path | None) -> dict[str, dict[str, str]]:
 
 def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseudonymizer: Pseudonymizer,
                  mapping: dict[str, dict[str, str]] | None = None, allow_partial: bool = False
-                 ) -> tuple[list[PatientRecord], list[IngestIssue]]:
+                 ) -> tuple["StagedRecords", list[IngestIssue]]:
     """Parse, validate and anonymize one extract.
 
-    Returns the good records and the issues of the rows left out; without `allow_partial`
+    Returns the good records (a StagedRecords to iterate and close) and the issues of the
+    rows left out; without `allow_partial`
     any issue raises IngestError instead (the batch is all or nothing). File-level
     problems (unreadable file, missing or unknown columns) always raise.
     """
@@ -119,7 +120,8 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
     issues: list[IngestIssue] = []
     pat = _read(patients_csv, PATIENT_COLUMNS, issues, known=(*OPTIONAL_PATIENT_COLUMNS, *DROPPED, "name"),
                 rename=mapping.get("patients"))
-    ev = _read(events_csv, EVENT_COLUMNS, issues, known=(), rename=mapping.get("events")) if events_csv else None
+    ev_head = _read(events_csv, EVENT_COLUMNS, issues, known=(), rename=mapping.get("events"), nrows=1) \
+        if events_csv else None
     if pat is None or issues:
         raise IngestError(issues)
     src = patients_csv.name
@@ -191,28 +193,106 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
                          "genotype": row.get("genotype", "").strip() or None, "zip3": area,
                          **{c: numbers[c] for c in ("diabetes", "hypertension", "ckd", "prior_mi")}},
         }
-    events: dict[str, list[dict]] = {m: [] for m in base}
-    if ev is not None:
-        issues += _events(ev, events_csv.name, enrol_of, birth_of, seen, events)
-    if issues and not allow_partial:
-        raise IngestError(issues)
-    records = [PatientRecord(patient_id=pseudonymizer.pseudonym(m), site=site, index_date=b["index_date"],
-                             baseline=b["baseline"], arm=Arm(b["arm"]), events=tuple(events[m]),
-                             outcomes=Outcomes(**b["outcomes"]))
-               for m, b in base.items()]
-    return records, issues
+    staged = StagedRecords(base, site=site, pseudonymizer=pseudonymizer)
+    try:
+        if ev_head is not None:
+            rename = {theirs: ours for ours, theirs in (mapping.get("events") or {}).items()}
+            first = 2
+            try:
+                chunks = pd.read_csv(events_csv, dtype=str, keep_default_na=False, encoding="utf-8",
+                                     chunksize=EVENT_CHUNK)
+                for chunk in chunks:  # bounded memory whatever the file size
+                    chunk = chunk.rename(columns=rename) if rename else chunk
+                    issues += _events(chunk, events_csv.name, enrol_of, birth_of, seen, staged.add, first_line=first)
+                    first += len(chunk)
+            except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+                issues.append(IngestIssue(events_csv.name, f"near line {first}", "-",
+                                          f"not a readable UTF-8 CSV ({type(exc).__name__})"))
+        if issues and not allow_partial:
+            raise IngestError(issues)
+    except BaseException:
+        staged.close()
+        raise
+    return staged, issues
+
+
+EVENT_CHUNK = 250_000
+RECORD_BATCH = 2_000
+
+
+class StagedRecords:
+    """Validated events spooled to a private temporary SQLite file, read back per patient batch.
+
+    Holds no identifier: events are keyed by the patient's position in the extract.
+    Iterating yields canonical records in extract order; use as a context manager or close().
+    """
+
+    def __init__(self, base: dict[str, dict], *, site: str, pseudonymizer: Pseudonymizer) -> None:
+        import sqlite3
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="evoclone-ingest-")
+        self._db = sqlite3.connect(Path(self._dir.name) / "staging.db")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE ev (p INTEGER, t REAL, code TEXT, value REAL, unit TEXT)")
+        self._order = list(base)
+        self._pos = {m: i for i, m in enumerate(self._order)}
+        self._base = base
+        self._site, self._pseudonymizer = site, pseudonymizer
+        self.events = 0
+
+    def add(self, mrn, days, code, value, unit) -> None:
+        """Spool one validated chunk."""
+        pos = [self._pos[m] for m in mrn]
+        self._db.executemany("INSERT INTO ev VALUES (?, ?, ?, ?, ?)",
+                             zip(pos, days.tolist(), code.tolist(), list(value), list(unit)))
+        self.events += len(pos)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self):
+        self._db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p, t)")
+        for start in range(0, len(self._order), RECORD_BATCH):
+            end = min(start + RECORD_BATCH, len(self._order))
+            events: dict[int, list[dict]] = {}
+            for p, t, c, v, u in self._db.execute("SELECT p, t, code, value, unit FROM ev WHERE p >= ? AND p < ? "
+                                                   "ORDER BY p, rowid", (start, end)):
+                events.setdefault(p, []).append({"time": t, "code": c, "value": v, "unit": u})
+            for i in range(start, end):
+                m = self._order[i]
+                b = self._base[m]
+                yield PatientRecord(patient_id=self._pseudonymizer.pseudonym(m), site=self._site,
+                                    index_date=b["index_date"], baseline=b["baseline"], arm=Arm(b["arm"]),
+                                    events=tuple(events.get(i, ())), outcomes=Outcomes(**b["outcomes"]))
+
+    def close(self) -> None:
+        """Delete the spool."""
+        self._db.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "StagedRecords":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dict[str, date], seen: set[str],
-            out: dict[str, list[dict]]) -> list[IngestIssue]:
-    """Validate and convert the long events table column-wise (fast on millions of rows)."""
+            out, *, first_line: int = 2) -> list[IngestIssue]:
+    """Validate and convert (a chunk of) the long events table column-wise.
+
+    `out` is a dict of per-patient lists, or a callable taking the validated columns
+    (mrn, days, code, value, unit) for chunked, bounded-memory ingest.
+    """
     found: list[tuple[int, IngestIssue]] = []
 
     def flag(mask, field: str, reason) -> None:
         for line, r in zip(lines[mask], reason if not isinstance(reason, str) else [reason] * int(mask.sum())):
             found.append((int(line), IngestIssue(src, f"line {line}", field, r)))
 
-    lines = np.arange(len(ev)) + 2  # line 1 is the header
+    lines = np.arange(len(ev)) + first_line  # line 1 is the header
     mrn = ev["mrn"].str.strip().to_numpy()
     known = pd.Series(mrn).isin(enrol_of.keys()).to_numpy()
     flag(~known & ~pd.Series(mrn).isin(seen).to_numpy(), "mrn", "event of a patient not in the patients file")
@@ -263,8 +343,11 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
     days = ((day[ok] - enrol[ok]) / np.timedelta64(1, "D")).astype(float)
     values = value[ok].astype(object)
     values[np.isnan(value[ok])] = None
-    for m, t, c, v, u in zip(mrn[ok], days.tolist(), code[ok], values, unit[ok]):
-        out[m].append({"time": t, "code": c, "value": v, "unit": u})  # validated in pydantic's core
+    if callable(out):
+        out(mrn[ok], days, code[ok], values, unit[ok])
+    else:
+        for m, t, c, v, u in zip(mrn[ok], days.tolist(), code[ok], values, unit[ok]):
+            out[m].append({"time": t, "code": c, "value": v, "unit": u})  # validated in pydantic's core
     return [issue for _, issue in sorted(found, key=lambda x: x[0])]
 
 

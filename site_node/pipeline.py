@@ -54,7 +54,8 @@ def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | Non
     records, issues = read_extract(patients_csv, events_csv, site=settings.name,
                                    pseudonymizer=Pseudonymizer(key=load_key(settings)),
                                    mapping=load_mapping(mapping_file), allow_partial=allow_partial)
-    counts = _store(settings, records, quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
+    with records:
+        counts = _store(settings, records, quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
     return {**counts, "rejected": len(issues), "errors": [vars(i) for i in issues]}
 
 
@@ -82,18 +83,24 @@ def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
 
     batch = uuid.uuid4().hex
     store = open_store(settings)
+    tally = {"records": 0, "events": 0}
+
+    def counted(items):
+        for r in items:
+            tally["records"] += 1
+            tally["events"] += len(r.events)
+            yield r
+
     try:
-        records = list(records)
         quarantine = list(quarantine)
-        written = store.upsert_records(records=records, quarantine=quarantine, batch=batch)
+        written = store.upsert_records(records=counted(records), quarantine=quarantine, batch=batch)
         log = open_event_log(settings.event_log_url)
         try:  # an aggregate, identifier-free trace of the batch
-            log.append(kind="ingest", document={"batch": batch, "records": len(records), "written": written,
-                                                "quarantined": len(quarantine),
-                                                "events": sum(len(r.events) for r in records)})
+            log.append(kind="ingest", document={"batch": batch, "records": tally["records"], "written": written,
+                                                "quarantined": len(quarantine), "events": tally["events"]})
         finally:
             log.close()
-        return {"accepted": len(records), "written": written, **store.counts()}
+        return {"accepted": tally["records"], "written": written, **store.counts()}
     finally:
         store.close()
 

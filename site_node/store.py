@@ -66,6 +66,17 @@ class QuarantineRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+def _batches(items: Iterable, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class SiteStore:
     """Keyword-only data access over one site's database."""
 
@@ -93,30 +104,30 @@ class SiteStore:
             key_row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
             session.add(key_row)
             session.flush()
-            prepared = [(r, r.model_dump_json().encode()) for r in records]
-            existing: dict[str, str] = {}
-            ids = [r.patient_id for r, _ in prepared]
-            for i in range(0, len(ids), 5000):  # one query per chunk instead of one per record
-                chunk = ids[i:i + 5000]
-                existing.update(session.exec(select(PatientRow.pseudonym, PatientRow.content_mac)
-                                             .where(PatientRow.pseudonym.in_(chunk))).all())
-            inserts, updates = [], []
-            for r, payload in prepared:
-                mac = self._mac(payload)
-                if existing.get(r.patient_id) == mac:
-                    continue  # same content already stored: idempotent re-ingest
-                row = {"pseudonym": r.patient_id, "site": r.site, "n_events": len(r.events), "content_mac": mac,
-                       "data_key_id": key_row.id,
-                       "ciphertext": seal(payload, data_key=data_key, context=r.patient_id.encode())}
-                (updates if r.patient_id in existing else inserts).append(row)
-            if inserts:  # executemany: one round trip per batch on PostgreSQL and SQLite
-                session.execute(insert(PatientRow), inserts)
-            if updates:
-                session.execute(update(PatientRow), updates)
-            written = len(inserts) + len(updates)
+            for chunk in _batches(records, 2000):  # bounded memory, one transaction
+                written += self._upsert_chunk(session, chunk, data_key=data_key, key_id=key_row.id)
             if written == 0:
                 session.delete(key_row)
         return written
+
+    def _upsert_chunk(self, session: Session, records: list[PatientRecord], *, data_key: bytes, key_id: int) -> int:
+        prepared = [(r, r.model_dump_json().encode()) for r in records]
+        ids = [r.patient_id for r, _ in prepared]
+        existing: dict[str, str] = dict(session.exec(select(PatientRow.pseudonym, PatientRow.content_mac)
+                                                     .where(PatientRow.pseudonym.in_(ids))).all())
+        inserts, updates = [], []
+        for r, payload in prepared:
+            mac = self._mac(payload)
+            if existing.get(r.patient_id) == mac:
+                continue  # same content already stored: idempotent re-ingest
+            row = {"pseudonym": r.patient_id, "site": r.site, "n_events": len(r.events), "content_mac": mac,
+                   "data_key_id": key_id, "ciphertext": seal(payload, data_key=data_key, context=r.patient_id.encode())}
+            (updates if r.patient_id in existing else inserts).append(row)
+        if inserts:  # executemany: one round trip per chunk on PostgreSQL and SQLite
+            session.execute(insert(PatientRow), inserts)
+        if updates:
+            session.execute(update(PatientRow), updates)
+        return len(inserts) + len(updates)
 
     def records(self) -> list[PatientRecord]:
         """All records, decrypted and authenticated, ordered by pseudonym."""

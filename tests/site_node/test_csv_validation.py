@@ -92,3 +92,32 @@ def test_empty_file_is_refused(site_dir, tmp_path):
     (tmp_path / "patients.csv").write_text("")
     with pytest.raises(IngestError, match="patients.csv"):
         ingest_extract(site_dir=site_dir, patients_csv=tmp_path / "patients.csv", events_csv=None)
+
+
+def test_chunked_ingest_matches_and_reports_lines_across_chunks(small_cohort, tmp_path, monkeypatch):
+    import evoclone.site_node.ingest as ingest_mod
+    from evoclone.site_node.settings import init_site
+
+    _, out = small_cohort
+    whole = tmp_path / "whole"
+    init_site(whole, name="s")
+    ingest_extract(site_dir=whole, patients_csv=out / "site-1" / "patients.csv", events_csv=out / "site-1" / "events.csv")
+    monkeypatch.setattr(ingest_mod, "EVENT_CHUNK", 997)
+    monkeypatch.setattr(ingest_mod, "RECORD_BATCH", 7)
+    chunked = tmp_path / "chunked"
+    chunked.mkdir()
+    import shutil
+
+    for f in ("secret.key", "master.keys", "site.json"):  # same keys: same pseudonyms and shifts
+        shutil.copy2(whole / f, chunked / f)
+    get_settings.cache_clear()
+    ingest_extract(site_dir=chunked, patients_csv=out / "site-1" / "patients.csv", events_csv=out / "site-1" / "events.csv")
+    a = open_store(get_settings(whole)).records()
+    b = open_store(get_settings(chunked)).records()
+    assert [r.model_dump() for r in a] == [r.model_dump() for r in b]
+
+    pat, ev = _copy(small_cohort, tmp_path)
+    ev.loc[2500, "value"] = "abc"  # in the third chunk
+    p, e = _write(tmp_path, pat, ev)
+    with pytest.raises(IngestError, match="line 2502: value"):
+        ingest_extract(site_dir=chunked, patients_csv=p, events_csv=e)
