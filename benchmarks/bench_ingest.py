@@ -45,6 +45,18 @@ def _drop_pg(name: str) -> None:
     admin.dispose()
 
 
+def _peak_rss_mb() -> float:
+    """This process's own resident high-water mark.
+
+    Not getrusage's ru_maxrss: on Linux it survives fork and exec, so a worker would report
+    its parent's peak (the parent holds the simulated cohort).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(mode: str, extract: Path, db: str, limit: int) -> None:
     """Run one measurement in this process and print its JSON result."""
     import os
@@ -96,7 +108,7 @@ def worker(mode: str, extract: Path, db: str, limit: int) -> None:
                 session.commit()
             events += len(r.events)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"mode": mode, "events": events, "seconds": seconds, "peak_mb": peak_mb}))
 
