@@ -29,6 +29,15 @@ def _wait(ready, proc: subprocess.Popen, what: str, timeout: float = 60) -> None
         delay = min(delay * 1.5, 0.5)
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def mongo_server(tmp: Path):
     """Real `mongod` when installed, else the nx-27017 wire-protocol server from PyPI."""
@@ -57,11 +66,7 @@ def mongo_server(tmp: Path):
         _wait(ready, proc, "MongoDB wire server")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 @contextmanager
@@ -84,8 +89,4 @@ def s3_server():
         _wait(ready, proc, "S3 server")
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
