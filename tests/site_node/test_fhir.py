@@ -12,7 +12,7 @@ from evoclone.site_node.ingest import IngestError
 from evoclone.site_node.pipeline import ingest_fhir, open_store
 from evoclone.site_node.settings import get_settings, init_site
 
-BUNDLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fhir" / "synthea_sample_complete_patient.json"
+BUNDLE = Path(__file__).resolve().parents[1] / "data" / "fhir" / "synthea_sample_complete_patient.json"
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
