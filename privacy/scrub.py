@@ -3,7 +3,7 @@
 Pattern-based for structured identifiers (dates, phones, emails, SSNs, record and
 licence numbers, URLs, IPs, street addresses, ZIP codes) plus the names the caller knows
 belong to the patient (from the Patient resource or the extract), and capitalised words
-after titles such as "Dr." or "Mrs.". Replacements are typed placeholders, so the text
+after titles such as "Dr." or "Mrs.". Replacements are typed markers, so the text
 stays readable for clinicians.
 """
 
@@ -37,10 +37,10 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 
 def scrub(text: str, *, names: Iterable[str] = ()) -> str:
-    """Replace identifiers in `text` with typed placeholders such as [NAME] or [DATE]."""
+    """Replace identifiers in `text` with typed markers such as [NAME] or [DATE]."""
     tokens = sorted({t for n in names for t in re.split(r"[\s,]+", n or "") if len(t) >= 2}, key=len, reverse=True)
     if tokens:
         text = re.sub(r"\b(?:" + "|".join(re.escape(t) for t in tokens) + r")\b", "[NAME]", text, flags=re.IGNORECASE)
-    for placeholder, pattern in PATTERNS:
-        text = pattern.sub(placeholder, text)
+    for marker, pattern in PATTERNS:
+        text = pattern.sub(marker, text)
     return text
