@@ -71,15 +71,6 @@ class SuperLink:
         return subprocess.run(["flwr", *args], env=self._cli_env(), capture_output=True, text=True,
                               timeout=timeout, cwd=self.flower_dir, start_new_session=True)
 
-    def online_nodes(self) -> int:
-        """SuperNodes currently connected."""
-        r = self._flwr("supernode", "ls", CONNECTION, "--format", "json")
-        try:
-            nodes = json.loads(r.stdout).get("nodes", [])
-        except json.JSONDecodeError:
-            return 0
-        return sum(1 for n in nodes if n.get("status") == "online")
-
     def submit(self, *, run_config: dict, timeout: float, on_poll: Callable[[], None] | None = None) -> RunOutcome:
         """Run the app to the end (`flwr run --stream`) and return the SuperLink's verdict.
 

@@ -24,7 +24,6 @@ class SiteSettings(BaseSettings):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     database_url: str = ""
     events_url: str = ""  # mongodb://... in production; SQLite JSON in the site directory by default
-    cache_url: str = ""  # redis://... in production; in-process by default
     epsilon_budget: float = Field(3.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
 
