@@ -18,7 +18,7 @@ import pandas as pd
 from evoclone.federated.record import Arm, Outcomes, PatientRecord
 from evoclone.privacy.pseudonym import Pseudonymizer, age_at, zip3
 
-from .units import CANONICAL
+from .units import CANONICAL, UnitError, convert, range_error
 
 PATIENT_COLUMNS = ("mrn", "birth_date", "sex", "enrollment_date", "arm")
 OPTIONAL_PATIENT_COLUMNS = ("bmi", "genotype", "diabetes", "hypertension", "ckd", "prior_mi", "zip",
@@ -328,16 +328,17 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
         if c not in CANONICAL:
             continue
         rows = ok & (code == c) & (unit == u) & ~np.isnan(value)
-        canonical, factors, (low, high) = CANONICAL[c]
-        if u not in factors:
-            flag(rows, "value", f"unit {u!r} of {c} is not convertible to {canonical}")
+        try:
+            converted, canonical, in_range = convert(c, u, value[rows])
+        except UnitError as exc:
+            flag(rows, "value", str(exc))
             unit_bad |= rows
             continue
-        factor, offset = factors[u]
-        value[rows] = np.round(value[rows] * factor + offset, 4)
+        value[rows] = converted
         unit[rows] = canonical
-        out_of_range = rows & ((value < low) | (value > high))
-        flag(out_of_range, "value", f"{c} value outside the physiological range {low}-{high} {canonical}")
+        out_of_range = rows.copy()
+        out_of_range[rows] = ~in_range
+        flag(out_of_range, "value", range_error(c))
         unit_bad |= out_of_range
     ok &= ~unit_bad
     days = ((day[ok] - enrol[ok]) / np.timedelta64(1, "D")).astype(float)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
 from evoclone.federated.features import FeatureSpec, encode_cohort
 from evoclone.federated.snapshot import write_snapshot
 from evoclone.privacy.pseudonym import Pseudonymizer
-
-import hashlib
-import hmac
 
 from .ingest import read_extract
 from .keyring import Keyring, load_keyring, next_key_id, save_keyring

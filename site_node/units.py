@@ -7,6 +7,8 @@ Codes outside the table keep their value and unit as given.
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class UnitError(ValueError):
     """A value cannot be converted to the canonical unit, or is out of range."""
@@ -32,15 +34,31 @@ CANONICAL: dict[str, tuple[str, dict[str, tuple[float, float]], tuple[float, flo
 }
 
 
-def normalize(code: str, value: float | None, unit: str | None) -> tuple[float | None, str | None]:
-    """(value, unit) in the canonical unit for known codes; raises UnitError when impossible."""
-    if code not in CANONICAL or value is None:
-        return value, unit
+def convert(code: str, unit: str | None, values: np.ndarray) -> tuple[np.ndarray, str, np.ndarray]:
+    """Values of a known code in the canonical unit, and which of them are in range.
+
+    Raises UnitError when the unit cannot be converted. The one conversion rule used for
+    single values (`normalize`) and for whole columns (CSV and OMOP ingest).
+    """
     canonical, factors, (low, high) = CANONICAL[code]
     if unit not in factors:
         raise UnitError(f"unit {unit!r} of {code} is not convertible to {canonical}")
     factor, offset = factors[unit]
-    v = value * factor + offset
-    if not low <= v <= high:
-        raise UnitError(f"{code} value outside the physiological range {low}-{high} {canonical}")
-    return round(v, 4), canonical
+    converted = np.round(np.asarray(values, dtype=float) * factor + offset, 4)
+    return converted, canonical, (converted >= low) & (converted <= high)
+
+
+def range_error(code: str) -> str:
+    """The message for a value outside the physiological range of a known code."""
+    canonical, _, (low, high) = CANONICAL[code]
+    return f"{code} value outside the physiological range {low}-{high} {canonical}"
+
+
+def normalize(code: str, value: float | None, unit: str | None) -> tuple[float | None, str | None]:
+    """(value, unit) in the canonical unit for known codes; raises UnitError when impossible."""
+    if code not in CANONICAL or value is None:
+        return value, unit
+    converted, canonical, in_range = convert(code, unit, np.array([value]))
+    if not in_range[0]:
+        raise UnitError(range_error(code))
+    return float(converted[0]), canonical
