@@ -8,6 +8,8 @@ aggregate metrics only.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import json
 import math
 import os
@@ -18,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from ..artifacts import save_predictor, update_manifest
+from ..artifacts import save_predictor, update_component
 from ..features import FeatureSpec
 from .common import STATUS_OK, model_config, new_model
 
@@ -85,7 +87,7 @@ class RecordingFedAvg(FedAvg):
         arrays, agg = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             save_predictor(self.round_dir(server_round), arrays.to_torch_state_dict(), config=self.model_cfg,
-                           feature_spec=FeatureSpec().fingerprint(),
+                           feature_spec=asdict(FeatureSpec()),
                            extra={"round": server_round, "run_id": self.run_id, "training": "federated_dp_fedavg",
                                   "sites": sorted(self.sites.values(), key=lambda s: s["name"]),
                                   "metrics": {"train_loss": record["train_loss"]}})
@@ -122,8 +124,8 @@ class RecordingFedAvg(FedAvg):
             return
         record["val_c_index"], record["val_loss"] = c, loss
         if (self.round_dir(server_round) / "manifest.json").is_file():
-            update_manifest(self.round_dir(server_round),
-                            metrics={"train_loss": record["train_loss"], "val_c_index": c, "val_loss": loss})
+            update_component(self.round_dir(server_round), "predictor",
+                             metrics={"train_loss": record["train_loss"], "val_c_index": c, "val_loss": loss})
         self._persist()
 
     def round_dir(self, server_round: int) -> Path:

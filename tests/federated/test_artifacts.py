@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -12,12 +13,12 @@ def test_model_directory_roundtrip_and_tamper_detection(tmp_path):
     spec = FeatureSpec()
     cfg = FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, d_model=16)
     model = build_model(cfg, seed=3)
-    manifest = save_predictor(tmp_path / "m", model, config=cfg, feature_spec=spec.fingerprint(), extra={"round": 2})
-    assert manifest["sha256"] == sha256_file(tmp_path / "m" / "model.safetensors")
+    manifest = save_predictor(tmp_path / "m", model, config=cfg, feature_spec=asdict(spec), extra={"round": 2})
+    assert manifest["sha256"] == sha256_file(tmp_path / "m" / "predictor.safetensors")
     loaded, m2 = load_predictor(tmp_path / "m")
     assert m2["round"] == 2 and m2["kind"] == "fusion_predictor"
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    weights = tmp_path / "m" / "model.safetensors"
+    weights = tmp_path / "m" / "predictor.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
