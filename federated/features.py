@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -56,6 +56,54 @@ class FeatureSpec:
         """sha256 of the spec: stored in snapshots and manifests to catch mismatches."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
+    def to_dict(self) -> dict:
+        """The spec as a JSON-able dict (lists for tuples); `from_dict` inverts it exactly."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        """Rebuild a spec from `to_dict` output (or its JSON), restoring tuples and number types."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"feature spec has unknown keys {sorted(unknown)}; "
+                             "was it written by a newer evoclone?")
+        kw: dict = {}
+        # types are restored exactly so the fingerprint of a round-tripped spec is unchanged
+        if "labs" in d:
+            kw["labs"] = tuple((str(c), str(n), float(m), float(s), bool(lg)) for c, n, m, s, lg in d["labs"])
+        if "numeric" in d:
+            kw["numeric"] = tuple((str(n), float(m), float(s)) for n, m, s in d["numeric"])
+        if "binary" in d:
+            kw["binary"] = tuple(str(n) for n in d["binary"])
+        if "categorical" in d:
+            kw["categorical"] = tuple((str(n), tuple(str(v) for v in lv)) for n, lv in d["categorical"])
+        if "max_visits" in d:
+            kw["max_visits"] = int(d["max_visits"])
+        if "history_days" in d:
+            kw["history_days"] = float(d["history_days"])
+        if "version" in d:
+            kw["version"] = str(d["version"])
+        return cls(**kw)
+
+    def feature_names(self) -> tuple[list[str], list[str]]:
+        """Names of the static columns and of the visit columns, in encoding order (for explanations).
+
+        One-hot levels share their covariate's name; a lab's value and presence columns share its name.
+        """
+        static = [n for n, _, _ in self.numeric] + list(self.binary)
+        static += [n for n, levels in self.categorical for _ in levels]
+        static.append("arm")
+        static += [lab[1] for lab in self.labs for _ in range(2)]
+        visit = ["time", "gap"] + [lab[1] for lab in self.labs for _ in range(2)]
+        return static, visit
+
+    @classmethod
+    def fit(cls, records: list[PatientRecord], *, covariates: list[str] | None = None, min_count: int = 10,
+            max_visits: int = 16, history_days: float = 730.0) -> "FeatureSpec":
+        """A spec derived from the data: scaling for any covariates and the lab codes the records carry."""
+        return fit_spec(cls, records, covariates=covariates, min_count=min_count, max_visits=max_visits,
+                        history_days=history_days)
+
 
 def _lab_z(spec_lab: tuple[str, str, float, float, bool], value: float) -> float:
     _, _, center, scale, log = spec_lab
@@ -63,16 +111,30 @@ def _lab_z(spec_lab: tuple[str, str, float, float, bool], value: float) -> float
     return float(np.clip((v - center) / scale, -6, 6))
 
 
+def _number(v: float | str | None) -> float | None:
+    """A baseline value as a float; None when missing (None, empty or NaN)."""
+    if v is None or v == "":
+        return None
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
 def encode(record: PatientRecord, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, int]:
     """One record -> (static [S], visits [max_visits, V], number of visits >= 1)."""
     b = record.baseline
     static: list[float] = []
+    # missing numbers (None or NaN, as flat tables deliver them) encode as 0: centred, like an
+    # absent lab; a NaN must never reach the model, where it would poison a whole batch
     for name, center, scale in spec.numeric:
-        v = b.get(name)
-        static.append(0.0 if v is None else float(np.clip((float(v) - center) / scale, -6, 6)))
-    static += [float(b.get(name) or 0) for name in spec.binary]
+        v = _number(b.get(name))
+        static.append(0.0 if v is None else float(np.clip((v - center) / scale, -6, 6)))
+    for name in spec.binary:
+        v = _number(b.get(name))
+        static.append(0.0 if v is None else v)
     for name, levels in spec.categorical:
-        static += [1.0 if str(b.get(name)) == lvl else 0.0 for lvl in levels]
+        v = b.get(name)
+        v = None if isinstance(v, float) and math.isnan(v) else v
+        static += [1.0 if v is not None and str(v) == lvl else 0.0 for lvl in levels]
     static.append(1.0 if record.arm == Arm.TREATMENT else 0.0)
     codes = {lab[0]: i for i, lab in enumerate(spec.labs)}
     # visits: events before index grouped by day, most recent max_visits kept
@@ -126,3 +188,88 @@ def encode_cohort(records: list[PatientRecord], spec: FeatureSpec) -> dict[str, 
         split[i] = split_of(r.patient_id)
     return {"static": static, "visits": visits, "lengths": lengths, "time": time, "event": event,
             "binary": binary, "continuous": continuous, "split": split}
+
+
+# -- a spec fitted to the data (flat tables with arbitrary covariates and codes) -------------
+
+
+def _sig2(x: float) -> float:
+    """Round to two significant digits."""
+    return 0.0 if x == 0 or not math.isfinite(x) else float(f"{x:.2g}")
+
+
+def _center_scale(v: np.ndarray) -> tuple[float, float]:
+    """Median and a robust spread (IQR/1.349, then sd, then 1), both to two significant digits."""
+    q25, q50, q75 = np.percentile(v, [25, 50, 75])
+    scale = float(q75 - q25) / 1.349
+    if not scale > 0:
+        scale = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    scale = _sig2(scale) if scale > 0 else 1.0
+    return _sig2(float(q50)), scale
+
+
+def _is_missing(v) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates: list[str] | None,
+             min_count: int, max_visits: int, history_days: float) -> FeatureSpec:
+    """Derive a FeatureSpec from records (see `FeatureSpec.fit`).
+
+    The spec is written into every model directory, so it must not describe individuals:
+    centres and scales are rounded to two significant digits, a category level or a lab code
+    enters only when at least `min_count` records carry it (rarer levels get no indicator and
+    encode like a missing value), and numeric covariates seen in fewer records are left out.
+    This coarsening limits what the spec reveals; it is NOT covered by the DP epsilon, which
+    accounts for the model weights only.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if max_visits < 1 or not history_days > 0:
+        raise ValueError(f"max_visits must be >= 1 and history_days > 0, got {max_visits} and {history_days}")
+    if not records:
+        raise ValueError("cannot fit a feature spec to zero records; pass the training records")
+    if covariates is None:
+        covariates = list(dict.fromkeys(k for r in records for k in r.baseline))
+    numeric: list[tuple[str, float, float]] = []
+    binary: list[str] = []
+    categorical: list[tuple[str, tuple[str, ...]]] = []
+    for name in dict.fromkeys(covariates):
+        values = [v for r in records if not _is_missing(v := r.baseline.get(name))]
+        if not values:
+            continue
+        if all(isinstance(v, (int, float)) for v in values):
+            arr = np.asarray(values, dtype=np.float64)
+            if np.isin(arr, (0.0, 1.0)).all():
+                binary.append(name)
+            elif len(arr) >= min_count:
+                numeric.append((name, *_center_scale(arr)))
+            continue
+        counts: dict[str, int] = {}
+        for v in values:
+            counts[str(v)] = counts.get(str(v), 0) + 1
+        levels = tuple(sorted(lvl for lvl, c in counts.items() if c >= min_count))
+        if levels:
+            categorical.append((name, levels))
+    # labs: the values the encoder will see (history within the window, up to the index)
+    by_code: dict[str, list[float]] = {}
+    carriers: dict[str, int] = {}
+    for r in records:
+        seen: set[str] = set()
+        for e in r.events:
+            if e.value is not None and -history_days <= e.time <= 0:
+                by_code.setdefault(e.code, []).append(e.value)
+                seen.add(e.code)
+        for code in seen:
+            carriers[code] = carriers.get(code, 0) + 1
+    labs: list[tuple[str, str, float, float, bool]] = []
+    for code in sorted(c for c, n in carriers.items() if n >= min_count):
+        arr = np.asarray(by_code[code], dtype=np.float64)
+        p10, p50, p90 = np.percentile(arr, [10, 50, 90])
+        # strongly right-skewed positive values (CRP, triglycerides, viral loads) scale on the log
+        # axis; the quantile skew ratio is location- and scale-free and ignores outliers (for a
+        # log-normal it is exp(1.28 sigma): > 2 means sigma > 0.54; symmetric labs give about 1)
+        log = bool((arr > 0).all() and p50 > p10 and (p90 - p50) / (p50 - p10) > 2)
+        labs.append((code, code, *_center_scale(np.log(np.maximum(arr, 1e-3)) if log else arr), log))
+    return cls(labs=tuple(labs), numeric=tuple(numeric), binary=tuple(binary), categorical=tuple(categorical),
+               max_visits=int(max_visits), history_days=float(history_days))

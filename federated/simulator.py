@@ -279,3 +279,41 @@ def write_cohort(cohort: Cohort, out: Path) -> dict[str, Path]:
         written[site] = d
     (out / "ground_truth.json").write_text(json.dumps(cohort.truth, indent=1) + "\n")
     return written
+
+
+def cohort_records(cohort: Cohort, *, key: bytes = b"evoclone-simulator") -> list:
+    """The cohort as canonical records, for model benchmarks and tests that skip ingest.
+
+    Ids are keyed hashes of the MRNs and times are days since enrolment; names, phones,
+    ZIP codes and dates are left out, as ingest would do.
+    """
+    import hashlib
+    import hmac
+
+    from .record import Arm, Event, Outcomes, PatientRecord
+
+    out = []
+    for site, pat in cohort.patients.items():
+        ev = cohort.events[site]
+        enrol = pd.to_datetime(pat["enrollment_date"]).to_numpy()
+        by_mrn = dict(zip(pat["mrn"], range(len(pat))))
+        rel = (pd.to_datetime(ev["date"]).to_numpy() - enrol[ev["mrn"].map(by_mrn).to_numpy()]).astype(
+            "timedelta64[D]").astype(float)
+        groups: dict[str, list] = {}
+        for m, t, c, v, u in zip(ev["mrn"], rel, ev["code"], ev["value"], ev["unit"]):
+            groups.setdefault(m, []).append(Event(time=float(t), code=c, value=float(v), unit=u))
+        birth = pd.to_datetime(pat["birth_date"]).to_numpy()
+        age = ((enrol - birth).astype("timedelta64[D]").astype(float) / 365.25).round(1)
+        follow = (pd.to_datetime(pat["followup_end_date"]).to_numpy() - enrol).astype("timedelta64[D]").astype(float)
+        for i, row in enumerate(pat.itertuples(index=False)):
+            pid = hmac.new(key, row.mrn.encode(), hashlib.sha256).hexdigest()[:16]
+            out.append(PatientRecord(
+                patient_id=pid, site=site, baseline={
+                    "age": float(age[i]), "sex": row.sex, "bmi": float(row.bmi), "genotype": row.genotype,
+                    "diabetes": int(row.diabetes), "hypertension": int(row.hypertension), "ckd": int(row.ckd),
+                    "prior_mi": int(row.prior_mi)},
+                arm=Arm(int(row.arm)), events=tuple(groups.get(row.mrn, ())),
+                outcomes=Outcomes(time_to_event=float(follow[i]), event=bool(row.event),
+                                  binary=None if pd.isna(row.response_wk24) else int(row.response_wk24),
+                                  continuous=None if pd.isna(row.ldl_wk24) else float(row.ldl_wk24))))
+    return out

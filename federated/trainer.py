@@ -118,11 +118,12 @@ def _fit_private(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, loss
         if dp.grad_sample_mode == "ghost":
             # ghost clipping needs the per-example losses: the criterion is reduced by Opacus
             kwargs["criterion"] = _PerExample()
-        private, opt, dp_loader, *rest = engine.make_private(
+        made = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(cfg.seed + 1), **kwargs)
-        criterion = rest[0] if rest else None
+        # ghost clipping also returns the loss wrapper that runs its two backward passes
+        private, opt, criterion, dp_loader = made if len(made) == 4 else (made[0], made[1], None, made[2])
         private.train()
         loss, _ = _loop(private, dp_loader, opt, cfg, loss_fn, on_step, private=True, criterion=criterion)
     steps = sum(s for _, _, s in engine.accountant.history)
@@ -167,7 +168,7 @@ def _loop(model, loader, opt, cfg: TrainConfig, loss_fn: LossFn, on_step, *, pri
                     loss = loss_fn(model, batch)
                 loss.backward()
                 opt.step()
-                total += float(loss) * b
+                total += loss.item() * b
                 count += b
             done += 1
             if on_step is not None:
