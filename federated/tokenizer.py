@@ -247,7 +247,7 @@ class EventTokenizer:
             else:
                 codes.append(CodeSpec(code, unit))
         if horizon_days is None:
-            horizon_days = _default_horizon(records)
+            horizon_days = default_horizon(records)
         meta_spec = tuple((k, (str(meta[k]),)) for k in META_KEYS if meta and meta.get(k))
         spec = VocabSpec(numeric=tuple(numeric), categorical=tuple(categorical), codes=tuple(codes),
                          meta=meta_spec, horizon_days=float(horizon_days), history_days=history_days,
@@ -300,6 +300,10 @@ class EventTokenizer:
         for e in sorted(events, key=lambda e: (e.time, e.code)):
             c = self.codes.get(e.code)
             toks = by_time.setdefault(e.time, [])
+            if c is not None and self.code_ids[e.code] in toks:
+                # a code measured twice on one visit: the grammar allows one, keep the first
+                unknown["duplicate"] += 1
+                continue
             if c is None:
                 unknown["code"] += 1
                 toks.append(self.ids[UNK["code"]])
@@ -321,6 +325,26 @@ class EventTokenizer:
                 continue
             out.append([self.gap_ids[self.gap_bin(time - t)], *toks])
             t = time
+        return out
+
+    def _future_gapped(self, visits: list[tuple[float, list[int]]]) -> list[list[int]]:
+        """Future visits with gaps the grammar can replay.
+
+        Future times decode as sums of representative gaps, so each gap is chosen against
+        that decoded clock (errors do not accumulate), is never "same day" before a code,
+        and never carries the clock past the horizon; a visit that cannot fit is dropped.
+        """
+        out, t, h = [], 0.0, self.spec.horizon_days
+        for time, toks in visits:
+            if not toks:
+                continue
+            b = max(1, self.gap_bin(time - t))
+            while b > 1 and t + self.gap_days(b) > h:
+                b -= 1
+            if t + self.gap_days(b) > h:
+                continue
+            out.append([self.gap_ids[b], *toks])
+            t += self.gap_days(b)
         return out
 
     def encode(self, record: PatientRecord, *, arm: Arm | None = None, meta: dict[str, str] | None = None,
@@ -347,7 +371,8 @@ class EventTokenizer:
         if room < 0:
             raise ValueError(f"prompt_budget {self.spec.prompt_budget} is smaller than the baseline tokens "
                              f"({len(static)}); raise max_len")
-        last_hist = hist[-1][0] if hist and hist_blocks else -self.spec.history_days
+        kept = [time for time, toks in hist if toks]  # a visit whose every event was dropped has no block
+        last_hist = kept[-1] if kept and hist_blocks else -self.spec.history_days
         prompt = static + [t for b in hist_blocks for t in b]
         prompt += [self.gap_ids[self.gap_bin(0 - last_hist)], self.arm_ids[Arm(arm)]]
         ids = list(prompt)
@@ -355,7 +380,9 @@ class EventTokenizer:
             h = self.spec.horizon_days
             o = record.outcomes
             end = min(o.time_to_event, h) if o.time_to_event is not None else h
-            fut_blocks = self._gapped(self._visits([e for e in record.events if 0 < e.time <= end], unknown), 0.0)
+            fut_visits = [v for v in self._visits([e for e in record.events if 0 < e.time <= end], unknown) if v[1]]
+            fut_blocks = self._future_gapped(fut_visits)
+            truncated += len(fut_visits) - len(fut_blocks)
             room = self.spec.max_len - len(prompt) - 3
             while fut_blocks and sum(map(len, fut_blocks)) > room:
                 fut_blocks.pop()
@@ -373,8 +400,10 @@ class EventTokenizer:
             return [self.gap_ids[0], self.outcome_ids["censored"]]
         if o.time_to_event >= h and not (o.event and o.time_to_event == h):
             return [self.outcome_ids["end"]]
-        gap = self.gap_ids[self.gap_bin(max(o.time_to_event - last, 0.0))]
-        return [gap, self.outcome_ids["event" if o.event else "censored"]]
+        b = self.gap_bin(max(o.time_to_event - last, 0.0))
+        while b > 0 and last + self.gap_days(b) > h:  # the grammar keeps every time within the horizon
+            b -= 1
+        return [self.gap_ids[b], self.outcome_ids["event" if o.event else "censored"]]
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Token names, for reports and evaluation."""
@@ -436,7 +465,7 @@ def _level(v) -> str:
     return str(v)
 
 
-def _default_horizon(records: list[PatientRecord]) -> float:
+def default_horizon(records: list[PatientRecord]) -> float:
     """Follow-up most patients reach: the 75th percentile of observed times, rounded to 30 days."""
     times = [r.outcomes.time_to_event for r in records if r.outcomes.time_to_event is not None]
     future = [max((e.time for e in r.events), default=0.0) for r in records]
