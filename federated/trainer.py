@@ -121,7 +121,7 @@ def _fit_private(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, loss
         made = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(cfg.seed + 1), **kwargs)
+            noise_generator=torch.Generator(device=_device(model)).manual_seed(cfg.seed + 1), **kwargs)
         # ghost clipping also returns the loss wrapper that runs its two backward passes
         private, opt, criterion, dp_loader = made if len(made) == 4 else (made[0], made[1], None, made[2])
         private.train()
@@ -146,13 +146,19 @@ class _PerExample(nn.Module):
         return per_example
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _loop(model, loader, opt, cfg: TrainConfig, loss_fn: LossFn, on_step, *, private: bool,
           criterion=None) -> tuple[float, int]:
     total_steps = cfg.epochs * len(loader)
+    device = _device(model)
     done, total, count = 0, 0.0, 0
     for _ in range(cfg.epochs):
         for batch in loader:
             opt.zero_grad()
+            batch = [t.to(device, non_blocking=True) for t in batch]
             b = len(batch[0])
             if b == 0:
                 # an empty Poisson batch still releases a (pure noise) step, as the
