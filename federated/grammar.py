@@ -94,15 +94,13 @@ class FutureGrammar:
             return m
         # after_arm / after_item: end of follow-up, another visit, or an outcome on this day
         m[tok.outcome_ids["end"]] = True
-        if r >= 5:
+        if r >= 3:  # gap, outcome, <eos> fit (a visit after the gap only when after_gap has room for it)
             fits = np.nonzero((self._gap_days[1:] + self.t) <= self.tok.spec.horizon_days)[0] + 1
             m[[tok.gap_ids[i] for i in fits]] = True
-        if self.phase == "after_item":
-            if r >= 4:
-                m |= self._code_mask
-                m[[tok.code_ids[c] for c in self.visit_codes]] = False
-            if r >= 3:
-                m[tok.gap_ids[0]] = True
+            m[tok.gap_ids[0]] = True  # an outcome on the same day, even the index day (as the tokenizer writes)
+        if self.phase == "after_item" and r >= 4:
+            m |= self._code_mask
+            m[[tok.code_ids[c] for c in self.visit_codes]] = False
         if self.constraints.banned:
             m[list(self.constraints.banned)] = False
             m[tok.outcome_ids["end"]] = True  # never leave a sequence without a way to finish

@@ -75,6 +75,11 @@ class VocabSpec:
     prompt_budget: int = 192  # most tokens a prompt may use; the rest is room to generate
     version: str = TOKENIZER_VERSION
 
+    def __post_init__(self) -> None:
+        if not 0 < self.prompt_budget <= self.max_len - 3:
+            raise ValueError(f"prompt_budget ({self.prompt_budget}) must leave room for an outcome within max_len "
+                             f"({self.max_len}): use at most max_len - 3")
+
     def to_dict(self) -> dict:
         """JSON-able form (stored as the model directory's vocabulary file)."""
         return json.loads(json.dumps(asdict(self)))
@@ -251,7 +256,8 @@ class EventTokenizer:
         meta_spec = tuple((k, (str(meta[k]),)) for k in META_KEYS if meta and meta.get(k))
         spec = VocabSpec(numeric=tuple(numeric), categorical=tuple(categorical), codes=tuple(codes),
                          meta=meta_spec, horizon_days=float(horizon_days), history_days=history_days,
-                         max_len=max_len, prompt_budget=prompt_budget or max(32, max_len * 3 // 8))
+                         max_len=max_len,
+                         prompt_budget=prompt_budget or min(max(32, max_len * 3 // 8), max_len - 3))
         return cls(spec)
 
     # -- encoding ----------------------------------------------------------------------------
