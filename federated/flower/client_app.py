@@ -20,7 +20,7 @@ from ..features import FeatureSpec
 from ..metrics import c_index
 from ..snapshot import read_snapshot
 from ..training import TrainConfig, mean_loss, predict_risk, steps_per_epoch, subset
-from .common import STATUS_OK, STATUS_REFUSED, model_config, new_model, train_config
+from .common import STATUS_OK, STATUS_REFUSED, dp_settings, model_config, new_model, train_config
 
 app = ClientApp()
 
@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     # Opacus is imported only where it is used: evaluate messages start faster without it
     from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
 
-    from ..training import DPResult, train_dp
+    from ..training import TrainResult, train
 
     torch.set_num_threads(1)  # several SuperNodes share the host's cores
     node = _node(context)
@@ -94,8 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     # validating the incoming global model here spares a separate evaluate message (and
     # a ClientApp process start) in every round but the last
     validation = _validation(model, arrays, model_config(rc).endpoint)
-    result: DPResult = train_dp(model, data, tcfg, noise_multiplier=sigma,
-                                max_grad_norm=float(rc["max-grad-norm"]))
+    result: TrainResult = train(model, data, tcfg, dp=dp_settings(rc, noise_multiplier=sigma))
     spent = ledger.charge(LedgerEntry(run_id=run_key, round=server_round, noise_multiplier=sigma,
                                       sample_rate=result.sample_rate, steps=result.steps))
     _save_ledger(node["ledger"], ledger, plans)

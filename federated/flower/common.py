@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from ..features import FeatureSpec
 from ..models.fusion import FusionConfig, FusionPredictor
-from ..training import TrainConfig, build_model
+from ..training import DPSettings, TrainConfig, build_model
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
@@ -30,3 +30,9 @@ def train_config(rc: Mapping, *, seed_offset: int = 0) -> TrainConfig:
     """Local optimisation settings for one round."""
     return TrainConfig(epochs=int(rc["local-epochs"]), batch_size=int(rc["batch-size"]),
                        lr=float(rc["learning-rate"]), seed=int(rc["seed"]) + seed_offset)
+
+
+def dp_settings(rc: Mapping, *, noise_multiplier: float) -> DPSettings:
+    """DP-SGD settings: clipping and per-sample gradient mode from the run config, noise from the ledger."""
+    return DPSettings(noise_multiplier=noise_multiplier, max_grad_norm=float(rc["max-grad-norm"]),
+                      grad_sample_mode=str(rc["grad-sample-mode"]))

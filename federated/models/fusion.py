@@ -1,8 +1,8 @@
 """Fusion outcome predictor: Transformer + BiLSTM over visits, attention fusion, learned gate.
 
-Every parameter lives in an `nn.Linear`, `nn.LayerNorm` or `nn.LSTM`; for DP-SGD the
-training code swaps the LSTM for Opacus's `DPLSTM` (same parameter names), so Opacus
-computes per-sample gradients with its default hooks while inference keeps torch's fast LSTM.
+Every parameter lives in an `nn.Linear`, an `nn.LayerNorm` or the `BiLSTM` (which keeps
+`nn.LSTM`'s parameter names), and Opacus has a per-sample gradient rule for each, so the
+same module trains with and without DP-SGD.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .bilstm import BiLSTM
 
 ENDPOINTS = ("time_to_event", "binary", "continuous")
 
@@ -98,7 +99,7 @@ class FusionPredictor(nn.Module):
         self.visit_in = nn.Linear(cfg.visit_dim, d)
         self.blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_tx = nn.LayerNorm(d)
-        self.lstm = nn.LSTM(d, d // 2, batch_first=True, bidirectional=True)
+        self.lstm = BiLSTM(d, d // 2)
         self.pool_tx = AttentionPool(d)
         self.pool_rnn = AttentionPool(d)
         self.fuse_key = nn.Linear(d, d)
@@ -125,10 +126,7 @@ class FusionPredictor(nn.Module):
         for block in self.blocks:
             tx = block(tx, mask)
         tx = self.pool_tx(self.ln_tx(tx), mask, s)  # (B, d)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        rnn, _ = self.lstm(packed)
-        rnn, _ = pad_packed_sequence(rnn, batch_first=True, total_length=T)  # (B, T, d)
-        rnn = self.pool_rnn(rnn, mask, s)  # (B, d)
+        rnn = self.pool_rnn(self.lstm(x, lengths), mask, s)  # (B, T, d) -> (B, d)
         modalities = torch.stack([s, tx, rnn], dim=1)  # (B, 3, d)
         w = self.fuse_score(torch.tanh(self.fuse_key(modalities))).squeeze(-1).softmax(dim=-1)  # (B, 3)
         fused = (w.unsqueeze(-1) * modalities).sum(dim=1)  # (B, d)
@@ -175,13 +173,20 @@ def discrete_hazard_nll(cfg: FusionConfig, logits: torch.Tensor, time: torch.Ten
     return -ll
 
 
-def endpoint_loss(cfg: FusionConfig, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean loss for the configured endpoint."""
+def endpoint_loss(cfg: FusionConfig, logits: torch.Tensor, targets: dict[str, torch.Tensor],
+                  reduction: str = "mean") -> torch.Tensor:
+    """Loss for the configured endpoint: the batch mean, or per patient (B,) with reduction="none"."""
     if cfg.endpoint == "time_to_event":
-        return discrete_hazard_nll(cfg, logits, targets["time"], targets["event"]).mean()
-    if cfg.endpoint == "binary":
-        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets["binary"])
-    return F.mse_loss(logits.squeeze(-1), targets["continuous"])
+        per = discrete_hazard_nll(cfg, logits, targets["time"], targets["event"])
+    elif cfg.endpoint == "binary":
+        per = F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets["binary"], reduction="none")
+    else:
+        per = F.mse_loss(logits.squeeze(-1), targets["continuous"], reduction="none")
+    if reduction == "none":
+        return per
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per.mean()
 
 
 def risk_score(cfg: FusionConfig, logits: torch.Tensor) -> torch.Tensor:
