@@ -74,7 +74,7 @@ def sample(model: TwinGPT, tok: EventTokenizer, prompts: list[list[int]], cfg: S
                 raise ValueError(f"prompt of {len(p)} tokens leaves no room to generate in a context of "
                                  f"{n_pos}; lower the tokenizer's prompt_budget or train a longer context")
             grammars.append(FutureGrammar(tok, max_new=room, constraints=c))
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b0)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b0)
         B, L = len(batch), max(map(len, batch))
         ids = torch.full((B, L), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
