@@ -91,10 +91,11 @@ def sample(model: TwinGPT, tok: EventTokenizer, prompts: list[list[int]], cfg: S
             allowed = torch.from_numpy(np.stack([g.allowed() for g in grammars])).to(device)
             nxt = _pick(logits, allowed, cfg, gen)
             live = False
+            picked = nxt.tolist()  # one device-to-host copy per step, not one per sequence
             for i, g in enumerate(grammars):
                 if g.phase == "done":
                     continue
-                t = int(nxt[i])
+                t = picked[i]
                 g.advance(t)
                 futures[i].append(t)
                 live = live or g.phase != "done"

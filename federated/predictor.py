@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .features import FeatureSpec
 from .models.fusion import FusionConfig, FusionPredictor, discrete_hazard_nll
 from .trainer import DPSettings, TrainConfig, TrainResult, steps_per_epoch
-from .training import build_model, train
+from .training import build_model, mean_loss, train
 
 RISK_THRESHOLDS = (0.10, 0.20)  # probability cut points: < 0.10 low, < 0.20 moderate, else high
 CATEGORIES = ("low", "moderate", "high")
@@ -287,7 +287,7 @@ class FusionEnsemble:
 def train_ensemble(cfg: FusionConfig, train_arrays: dict[str, np.ndarray], val_arrays: dict[str, np.ndarray],
                    tcfg: TrainConfig, *, members: int = 5, dp: DPSettings | None = None,
                    on_step: Callable[[int, int], None] | None = None) -> tuple[FusionEnsemble, list[TrainResult]]:
-    """Train `members` models from seeds tcfg.seed + i, then calibrate on validation data.
+    """Train `members` models from seeds tcfg.seed + i (each keeping its best validation epoch), then calibrate.
 
     With DP every member sees the same patients, so the privacy cost is the composition of
     all members' steps: calibrate the noise for members x steps (`ensemble_dp`) and charge
@@ -295,15 +295,30 @@ def train_ensemble(cfg: FusionConfig, train_arrays: dict[str, np.ndarray], val_a
     """
     if members < 1:
         raise ValueError(f"members must be at least 1, got {members}")
-    per_member = tcfg.epochs * steps_per_epoch(len(train_arrays["static"]), tcfg.batch_size)
+    per_epoch = steps_per_epoch(len(train_arrays["static"]), tcfg.batch_size)
+    total = members * tcfg.epochs * per_epoch
+    has_val = len(val_arrays["static"]) > 0
     models, results = [], []
     for i in range(members):
         model = build_model(cfg, seed=tcfg.seed + i)
-        report = None if on_step is None else (lambda d, _t, i=i: on_step(i * per_member + d, members * per_member))
-        results.append(train(model, train_arrays, replace(tcfg, seed=tcfg.seed + i), dp=dp, on_step=report))
+        best, best_state = float("inf"), None
+        for epoch in range(tcfg.epochs):
+            # one epoch per call, keeping the epoch with the best validation loss: deep
+            # models overfit small trials within a few epochs. With DP every epoch's steps
+            # are charged whichever is kept, so the accountant's bound still holds.
+            offset = (i * tcfg.epochs + epoch) * per_epoch
+            report = None if on_step is None else (lambda d, _t, o=offset: on_step(o + d, total))
+            results.append(train(model, train_arrays, replace(tcfg, epochs=1, seed=tcfg.seed + i + 7919 * epoch),
+                                 dp=dp, on_step=report))
+            if has_val:
+                loss = mean_loss(model, val_arrays)
+                if loss < best:
+                    best, best_state = loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if best_state is not None:
+            model.load_state_dict(best_state)
         models.append(model)
     ensemble = FusionEnsemble(cfg, models)
-    if len(val_arrays["static"]):
+    if has_val:
         ensemble.calibrate(val_arrays)
     return ensemble, results
 

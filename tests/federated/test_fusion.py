@@ -140,17 +140,19 @@ def test_per_sample_gradients_belong_to_their_own_patient(reduction):
 
 
 def test_ghost_clipping_and_hooks_take_the_same_private_step():
-    # same batches, same noise: the two per-sample routes must clip identically
+    # same batches, (negligible) noise: the two per-sample routes must clip identically; hooks
+    # mode draws its noise as one flat vector, so equal noise *realizations* are not expected
     a = _arrays(64)
     states = []
     for mode in ("hooks", "ghost"):
         model = build_model(_cfg(), seed=0)
         # a small clipping bound, so that clipping is active for every patient
         train(model, a, TrainConfig(epochs=1, batch_size=16),
-              dp=DPSettings(noise_multiplier=0.5, max_grad_norm=0.05, grad_sample_mode=mode))
+              dp=DPSettings(noise_multiplier=1e-9, max_grad_norm=0.05, grad_sample_mode=mode))
         states.append(model.state_dict())
     for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], atol=1e-6, rtol=1e-5, msg=k)
+        # AdamW turns float rounding in near-zero gradients into O(1e-5) steps
+        torch.testing.assert_close(states[0][k], states[1][k], atol=2e-5, rtol=1e-4, msg=k)
     with pytest.raises(ValueError, match="hooks' or 'ghost'"):
         train(build_model(_cfg()), a, TrainConfig(), dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
                                                                    grad_sample_mode="functorch"))
