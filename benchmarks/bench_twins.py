@@ -26,7 +26,7 @@ from evoclone.federated.features import FeatureSpec, encode_cohort, split_of
 from evoclone.federated.generation import SamplingConfig
 from evoclone.federated.generator_training import build_generator, encode_records, perplexity, train_generator
 from evoclone.federated.metrics import c_index
-from evoclone.federated.predictor import ensemble_dp, ensemble_history, train_ensemble
+from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_dp, ensemble_history, train_ensemble
 from evoclone.federated.simulator import cohort_records, simulate_cohort
 from evoclone.federated.tokenizer import EventTokenizer, default_horizon
 from evoclone.federated.trainer import DPSettings, TrainConfig, steps_per_epoch
@@ -106,7 +106,7 @@ def gbsg2(args) -> list[dict]:
                     cox.predict_partial_hazard(X[split == 2]).to_numpy())
     from evoclone.federated.models.fusion import FusionConfig
 
-    horizon = default_horizon(train_recs)
+    horizon = default_horizon(train_recs, PREDICTOR_HORIZON_QUANTILE)
     rows = [{"model": "lifelines CoxPH (train+val)", "test_c_index": round(float(cox_c), 4), "epsilon": None}]
     for eps in (None, args.epsilon):
         cfg = FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, max_visits=spec.max_visits,

@@ -301,7 +301,7 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     """Fit the feature spec, train a calibrated (DP) deep ensemble, save it; returns the --json summary."""
     from evoclone.federated.features import FeatureSpec, encode_cohort
     from evoclone.federated.models.fusion import FusionConfig
-    from evoclone.federated.predictor import ensemble_dp, ensemble_history, train_ensemble
+    from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_dp, ensemble_history, train_ensemble
     from evoclone.federated.tokenizer import default_horizon
     from evoclone.federated.training import subset
 
@@ -316,7 +316,8 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     train, val = subset(arrays, "train", endpoint), subset(arrays, "val", endpoint)
     if len(train["static"]) < MIN_TRAIN:
         raise TwinsInputError(f"only {len(train['static'])} training rows have the endpoint; need at least {MIN_TRAIN}")
-    horizon = default_horizon([r for r in train_recs if r.outcomes.time_to_event is not None]) \
+    tte = [r for r in train_recs if r.outcomes.time_to_event is not None]
+    horizon = default_horizon(tte, PREDICTOR_HORIZON_QUANTILE) \
         if endpoint == "time_to_event" else 1.0
     cfg = FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, max_visits=spec.max_visits,
                        endpoint=endpoint, horizon_days=horizon)

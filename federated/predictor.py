@@ -30,6 +30,9 @@ RISK_THRESHOLDS = (0.10, 0.20)  # probability cut points: < 0.10 low, < 0.20 mod
 CATEGORIES = ("low", "moderate", "high")
 PERCENTILE_MIN_MEMBERS = 20  # fewer members make 2.5/97.5 percentiles meaningless: use mean +- 1.96 sd
 IG_STEPS = 64
+# time-to-event horizon: the 90th percentile of training follow-up, so the hazard bins use
+# most of the observed follow-up (risk is then P(event by that horizon))
+PREDICTOR_HORIZON_QUANTILE = 0.9
 _Z95 = 1.959964
 
 

@@ -471,9 +471,9 @@ def _level(v) -> str:
     return str(v)
 
 
-def default_horizon(records: list[PatientRecord]) -> float:
-    """Follow-up most patients reach: the 75th percentile of observed times, rounded to 30 days."""
+def default_horizon(records: list[PatientRecord], quantile: float = 0.75) -> float:
+    """Follow-up most patients reach: a quantile of observed times (default the 75th), rounded to 30 days."""
     times = [r.outcomes.time_to_event for r in records if r.outcomes.time_to_event is not None]
     future = [max((e.time for e in r.events), default=0.0) for r in records]
-    base = np.quantile(times, 0.75) if times else (max(future) if future else 365.0)
+    base = np.quantile(times, quantile) if times else (max(future) if future else 365.0)
     return float(max(30.0, round(base / 30.0) * 30.0))
