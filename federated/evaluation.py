@@ -21,8 +21,6 @@ from scipy.stats import rankdata
 
 from .record import PatientRecord
 
-# ---------------------------------------------------------------- input checks
-
 
 def _check_seqs(seqs: Sequence[Sequence[str]], name: str) -> None:
     if not isinstance(seqs, Sequence) or isinstance(seqs, str) or len(seqs) == 0:
@@ -63,8 +61,6 @@ def _records(records: Sequence[PatientRecord], name: str) -> None:
         if not isinstance(r, PatientRecord):
             raise ValueError(f"{name}[{i}] is a {type(r).__name__}, not a PatientRecord")
 
-
-# ---------------------------------------------------------------- fidelity
 
 
 def r2_score(truth: np.ndarray, pred: np.ndarray) -> float:
@@ -223,8 +219,6 @@ def km_by_arm(real: Sequence[PatientRecord], twins: Sequence[PatientRecord], hor
     return out
 
 
-# ---------------------------------------------------------------- record features
-
 
 def _numeric_baseline_keys(records: Sequence[PatientRecord]) -> list[str]:
     keys = set(records[0].baseline)
@@ -314,8 +308,6 @@ def record_features(records: Sequence[PatientRecord], codes: Sequence[str], hori
     return (np.where(np.isnan(x), mean, x) - mean) / sd
 
 
-# ---------------------------------------------------------------- utility
-
 
 def _fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, name: str):
     import pandas as pd
@@ -390,8 +382,6 @@ def tstr_trtr_binary(train_real_X, train_real_y, synth_X, synth_y, test_X, test_
     return {"tstr": auroc(ty, fit_logistic(sx, sy, l2=l2)(tx)), "trtr": auroc(ty, fit_logistic(rx, ry, l2=l2)(tx))}
 
 
-# ---------------------------------------------------------------- privacy
-
 
 def _two_sample_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     # Mann-Whitney U from average ranks: a tied (pos, neg) pair counts one half
@@ -464,8 +454,6 @@ def nnaa(real_X, synth_X, *, balance: bool = True, seed: int = 0) -> float:
     d_st, d_ss = _nearest(sx, real_tree), _nearest(sx, synth_tree, leave_one_out=True)
     return 0.5 * (float(np.mean(d_ts > d_tt)) + float(np.mean(d_st > d_ss)))
 
-
-# ---------------------------------------------------------------- report
 
 
 def _json_number(v):

@@ -88,7 +88,7 @@ def test_small_demo_end_to_end(tmp_path):
 
     # model file matches its manifest
     weights = out / summary["model"]["path"]
-    manifest = json.loads((weights.parent / "manifest.json").read_text())
+    manifest = json.loads((weights.parent / "manifest.json").read_text())["components"]["predictor"]
     assert summary["model"]["sha256"] == manifest["sha256"] == sha256_file(weights)
     assert {s["name"] for s in manifest["sites"]} == {"site-1", "site-2"}
     assert (out / "report.html").read_text().count("<svg") >= 3
