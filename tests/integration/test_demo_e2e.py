@@ -114,7 +114,10 @@ def test_ctrl_c_stops_every_flower_process(tmp_path):
     base = _free_port_block(3)
     cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "3",
            "--patients", "120", "--out", str(out), "--port", str(base)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a shell runs background jobs with SIGINT ignored and children inherit that; give the demo
+    # the default disposition so that Python turns SIGINT into KeyboardInterrupt as at a terminal
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         # interrupt once the federated run is under way (its Flower processes all exist)
