@@ -171,7 +171,7 @@ def generate(model_dir: ModelDir, patients: Annotated[Path, typer.Option(help="p
     else:
         err.print(f"{s['passed']} of {s['requested']} twins passed the quality gate "
                   f"({s['failed']} failed after {max_tries} tries) -> {out}")
-    for w in doc["warnings"] + ([s["warning"]] if "warning" in s else []):
+    for w in doc["warnings"] + [s[k] for k in ("warning", "warning_unknown") if k in s]:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 

@@ -227,6 +227,11 @@ def generate(model_dir: Path, patients: Path, events: Path | None, *, arm: str, 
         twins, failed, stats = generate_twins(model, tok, table.records, arm=chosen, n=n, sampling=sampling,
                                               max_tries=max_tries, meta=entry.get("meta") or None,
                                               on_progress=on_batch)
+    unknown = {k: v for k, v in stats["unknown_tokens"].items() if v}
+    if unknown:
+        caught_unknown = ", ".join(f"{v} {k}" for k, v in unknown.items())
+        stats["warning_unknown"] = (f"inputs held values the model never saw in training ({caught_unknown}); they were "
+                                    "read as unknown tokens")
     if stats["truncated_histories"]:
         stats["warning"] = (f"{stats['truncated_histories']} patients had more history than the prompt holds; "
                             "their oldest visits were left out")

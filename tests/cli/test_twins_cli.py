@@ -144,6 +144,12 @@ def test_gpt_train_generate_evaluate_with_events(cohort_csv, tmp_path):
     rep = json.loads(r.stdout)
     assert set(rep["fidelity"]) >= {"unigram_r2", "bigram_r2"} and set(rep["utility"]) >= {"tstr", "trtr"}
     assert rep["data"]["same_as_training"] is True and 0 <= rep["privacy"]["mia_auc"] <= 1
+    odd = pd.read_csv(events)
+    odd.loc[(odd["time"] < 0) & (odd.index % 7 == 0), "code"] = "99999-9"  # a code training never saw
+    odd.to_csv(tmp_path / "odd.csv", index=False)
+    r = runner.invoke(app, ["twins", "generate", "--model", str(out), "--patients", str(pats), "--events",
+                            str(tmp_path / "odd.csv"), "--arm", "control", "--out", str(tmp_path / "odd.json")])
+    assert r.exit_code == 0 and "never saw" in r.stderr and "code" in r.stderr
     r = runner.invoke(app, ["twins", "generate", "--model", str(out), "--patients", str(pats), "--events", str(events),
                             "--arm", "2", "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "not an arm this model was trained with" in r.stderr
