@@ -146,3 +146,39 @@ def fuse_clipping(optimizer) -> bool:
     optimizer.add_noise = types.MethodType(_fused_add_noise, optimizer)
     optimizer.scale_grad = types.MethodType(lambda self: None, optimizer)  # done in add_noise
     return True
+
+
+def use_output_hooks(gsm) -> None:
+    """Swap a hooks-mode GradSampleModule's full backward hooks for hooks on each layer's output.
+
+    Opacus's `register_full_backward_hook` wraps every layer's inputs and outputs in extra
+    autograd nodes and forces gradients for inputs nobody needs; a hook on the output
+    tensor receives the same gradient (what Opacus calls backprops) without either.
+    Layers whose rule needs their own backward to have run first (`needs_full_backward_hook`,
+    the BiLSTM) keep Opacus's hooks.
+    """
+    from functools import partial
+
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+
+    if type(gsm) is not GradSampleModule:
+        return
+    handles = gsm._module.autograd_grad_sample_hooks
+    for h in handles:
+        h.remove()
+    handles.clear()
+    for module in gsm.iterate_submodules(gsm._module):
+        if getattr(module, "needs_full_backward_hook", False):  # its rule reads state its own backward leaves
+            handles.append(module.register_forward_hook(gsm.capture_activations_hook))
+            handles.append(module.register_full_backward_hook(partial(
+                gsm.capture_backprops_hook, loss_reduction=gsm.loss_reduction, batch_first=gsm.batch_first)))
+        else:
+            handles.append(module.register_forward_hook(partial(_capture_with_output_hook, gsm)))
+    gsm.enable_hooks()
+
+
+def _capture_with_output_hook(gsm, module, inputs, output) -> None:
+    gsm.capture_activations_hook(module, inputs, output)
+    if isinstance(output, torch.Tensor) and output.requires_grad and gsm.hooks_enabled and module.training:
+        output.register_hook(lambda g: gsm.capture_backprops_hook(module, None, (g,), loss_reduction=gsm.loss_reduction,
+                                                                  batch_first=gsm.batch_first) and None)

@@ -98,7 +98,7 @@ def _fit_private(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, loss
     from opacus import PrivacyEngine  # imported here: inference-only processes skip its cost
     from opacus.validators import ModuleValidator
 
-    from .dp_layers import fuse_clipping, register_grad_samplers
+    from .dp_layers import fuse_clipping, register_grad_samplers, use_output_hooks
 
     register_grad_samplers()
     model.train()  # Opacus validates (and needs) training mode
@@ -127,6 +127,7 @@ def _fit_private(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, loss
         # hooks mode: clip and noise every parameter as one flat vector (same result, far
         # fewer kernel launches; benchmarks/bench_twin_gpt.py measures it)
         fuse_clipping(opt)
+        use_output_hooks(private)
         private.train()
         loss, _ = _loop(private, dp_loader, opt, cfg, loss_fn, on_step, private=True, criterion=criterion)
     steps = sum(s for _, _, s in engine.accountant.history)

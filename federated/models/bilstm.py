@@ -35,6 +35,10 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class BiLSTM(nn.Module):
     """One-layer bidirectional LSTM, batch first, over left-aligned padded sequences."""
 
+    # its per-sample rule reads the gate gradients its own backward records, so Opacus must
+    # call it after that backward (a module backward hook), not on the output's gradient
+    needs_full_backward_hook = True
+
     def __init__(self, d_in: int, hidden: int) -> None:
         super().__init__()
         self.hidden_size = hidden

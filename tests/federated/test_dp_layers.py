@@ -98,3 +98,59 @@ def test_fused_clipping_noise_has_the_calibrated_scale():
     expected = 2.0 * 0.05 / made[1].expected_batch_size
     assert abs(noise.std().item() / expected - 1) < 0.05 and abs(noise.mean().item()) < expected * 0.05
     assert not D.fuse_clipping(torch.optim.SGD(m.parameters(), lr=0.1))  # only Opacus's hooks optimizer
+
+
+def _brute_clipped_mean(model, loss_of, examples, clip):
+    """Mean over examples of each example's own gradient clipped to `clip` (what DP-SGD must compute)."""
+    total = None
+    for ex in examples:
+        model.zero_grad()
+        loss_of(model, ex).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        g = g * min(1.0, clip / (g.norm().item() + 1e-6))
+        total = g if total is None else total + g
+    return total / len(examples)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "fusion"])
+def test_output_hooks_give_each_example_its_own_clipped_gradient(kind):
+    from evoclone.federated.features import FeatureSpec
+    from evoclone.federated.models.fusion import FusionConfig
+    from evoclone.federated.training import build_model, fusion_loss
+
+    torch.manual_seed(3)
+    if kind == "gpt":
+        model = TwinGPT(TwinGPTConfig(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+        ids = torch.randint(3, 40, (6, 20))
+        mask = torch.ones_like(ids)
+        mask[:3, 15:] = 0
+        tensors = [ids, mask]
+
+        def loss_of(m, batch, reduction="mean"):
+            i, k = batch
+            return m(i, i.masked_fill(k == 0, IGNORE), k, reduction=reduction)[1]
+    else:
+        spec = FeatureSpec()
+        model = build_model(FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, d_model=16))
+        n = 6
+        tensors = [torch.randn(n, spec.static_dim), torch.randn(n, 16, spec.visit_dim), torch.tensor([1, 3, 16, 8, 2, 5]),
+                   torch.rand(n) * 1000, (torch.rand(n) < 0.5).float(), torch.zeros(n), torch.zeros(n)]
+        loss_of = fusion_loss(model.cfg)
+    clip = 0.05
+    examples = [[t[i:i + 1] for t in tensors] for i in range(len(tensors[0]))]
+    expected = _brute_clipped_mean(copy.deepcopy(model).train(), loss_of, examples, clip)
+    m = copy.deepcopy(model).train()
+    D.register_grad_samplers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, opt, _ = PrivacyEngine().make_private(
+            module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.0),
+            data_loader=DataLoader(TensorDataset(*tensors), batch_size=len(tensors[0])), noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False)
+    D.fuse_clipping(opt)
+    D.use_output_hooks(private)  # what trainer.fit does in hooks mode
+    opt.zero_grad()
+    loss_of(private, tensors).backward()
+    opt.step()
+    got = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
