@@ -4,9 +4,10 @@ Data: a simulated cohort (`simulate_cohort`), tokenized with `EventTokenizer.fit
 training split and right-padded to the longest sequence (the fixed step length).
 
 1. Training step. For each size, one randomly initialised model is copied into a plain
-   copy (AdamW) and one copy per DP mode (hooks; hooks-fused: hooks plus
-   `dp_layers.fuse_clipping`; ghost), wrapped by Opacus's PrivacyEngine as
-   `trainer._fit_private` does (rules from `dp_layers`, Poisson loader, ghost criterion).
+   copy (AdamW) and one copy per DP mode (hooks: stock Opacus hooks; hooks-fused: what
+   `trainer.fit` runs, hooks plus `dp_layers.fuse_clipping` and `dp_layers.use_output_hooks`;
+   ghost), wrapped by Opacus's PrivacyEngine (rules from `dp_layers`, Poisson loader, ghost
+   criterion).
    Every step uses the same fixed batch (Poisson sampling would change the
    batch size from step to step; the question is the per-step cost of per-sample clipping
    and noise). After warm-up the modes alternate step by step, so machine load drift hits
@@ -95,7 +96,7 @@ def make_private(model, loader, mode: str, device: torch.device):
     """(module, optimizer, criterion) wrapped as trainer._fit_private wraps them."""
     from opacus import PrivacyEngine
 
-    from evoclone.federated.dp_layers import fuse_clipping, register_grad_samplers
+    from evoclone.federated.dp_layers import fuse_clipping, register_grad_samplers, use_output_hooks
 
     register_grad_samplers()
     model.train()
@@ -105,8 +106,10 @@ def make_private(model, loader, mode: str, device: torch.device):
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
         poisson_sampling=True, grad_sample_mode=mode.removesuffix("-fused"),
         noise_generator=torch.Generator(device=device).manual_seed(1), **kwargs)
-    if mode.endswith("-fused") and not fuse_clipping(made[1]):
-        raise ValueError(f"mode {mode}: only the hooks optimizer can fuse its clipping")
+    if mode.endswith("-fused"):  # what trainer.fit runs: fused clipping and output hooks
+        if not fuse_clipping(made[1]):
+            raise ValueError(f"mode {mode}: only the hooks optimizer can fuse its clipping")
+        use_output_hooks(made[0])
     return (made[0], made[1], made[2]) if len(made) == 4 else (made[0], made[1], None)
 
 
@@ -235,7 +238,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="hooks,hooks-fused,ghost",
-                    help="Opacus grad_sample_mode values to time; hooks-fused adds dp_layers.fuse_clipping")
+                    help="Opacus grad_sample_mode values to time; hooks-fused: as trainer.fit runs it (dp_layers.fuse_clipping and use_output_hooks)")
     ap.add_argument("--patients", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=64, help="held-out prompts (patients x both arms)")
