@@ -34,7 +34,8 @@ class FeatureSpec:
     """Fixed, data-independent scaling, so every site encodes patients identically."""
 
     labs: tuple[tuple[str, str, float, float, bool], ...] = DEFAULT_LABS
-    numeric: tuple[tuple[str, float, float], ...] = DEFAULT_NUMERIC
+    # (name, centre, scale) or (name, centre, scale, log1p): skewed covariates scale on log1p
+    numeric: tuple[tuple, ...] = DEFAULT_NUMERIC
     binary: tuple[str, ...] = DEFAULT_BINARY
     categorical: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_CATEGORICAL
     max_visits: int = 16
@@ -72,7 +73,8 @@ class FeatureSpec:
         if "labs" in d:
             kw["labs"] = tuple((str(c), str(n), float(m), float(s), bool(lg)) for c, n, m, s, lg in d["labs"])
         if "numeric" in d:
-            kw["numeric"] = tuple((str(n), float(m), float(s)) for n, m, s in d["numeric"])
+            kw["numeric"] = tuple((str(e[0]), float(e[1]), float(e[2]), *[bool(x) for x in e[3:4]])
+                                  for e in d["numeric"])
         if "binary" in d:
             kw["binary"] = tuple(str(n) for n in d["binary"])
         if "categorical" in d:
@@ -90,7 +92,7 @@ class FeatureSpec:
 
         One-hot levels share their covariate's name; a lab's value and presence columns share its name.
         """
-        static = [n for n, _, _ in self.numeric] + list(self.binary)
+        static = [n for n, *_ in self.numeric] + list(self.binary)
         static += [n for n, levels in self.categorical for _ in levels]
         static.append("arm")
         static += [lab[1] for lab in self.labs for _ in range(2)]
@@ -125,8 +127,10 @@ def encode(record: PatientRecord, spec: FeatureSpec) -> tuple[np.ndarray, np.nda
     static: list[float] = []
     # missing numbers (None or NaN, as flat tables deliver them) encode as 0: centred, like an
     # absent lab; a NaN must never reach the model, where it would poison a whole batch
-    for name, center, scale in spec.numeric:
+    for name, center, scale, *log in spec.numeric:
         v = _number(b.get(name))
+        if v is not None and log and log[0]:
+            v = math.log1p(max(v, 0.0))
         static.append(0.0 if v is None else float(np.clip((v - center) / scale, -6, 6)))
     for name in spec.binary:
         v = _number(b.get(name))
@@ -212,6 +216,19 @@ def _is_missing(v) -> bool:
     return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
 
 
+def _skewed(arr: np.ndarray, *, low: float | None) -> bool:
+    """Strong right skew: the quantile skew ratio (p90 - p50) / (p50 - p10) above 2.
+
+    The ratio is location- and scale-free and ignores outliers (for a log-normal it is
+    exp(1.28 sigma): > 2 means sigma > 0.54; symmetric variables give about 1). Values must be
+    positive (`low=None`, for log) or at least `low` (for log1p).
+    """
+    if low is None and not (arr > 0).all() or low is not None and not (arr >= low).all():
+        return False
+    p10, p50, p90 = np.percentile(arr, [10, 50, 90])
+    return bool(p50 > p10 and (p90 - p50) / (p50 - p10) > 2)
+
+
 def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates: list[str] | None,
              min_count: int, max_visits: int, history_days: float) -> FeatureSpec:
     """Derive a FeatureSpec from records (see `FeatureSpec.fit`).
@@ -231,7 +248,7 @@ def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates
         raise ValueError("cannot fit a feature spec to zero records; pass the training records")
     if covariates is None:
         covariates = list(dict.fromkeys(k for r in records for k in r.baseline))
-    numeric: list[tuple[str, float, float]] = []
+    numeric: list[tuple] = []
     binary: list[str] = []
     categorical: list[tuple[str, tuple[str, ...]]] = []
     for name in dict.fromkeys(covariates):
@@ -243,7 +260,10 @@ def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates
             if np.isin(arr, (0.0, 1.0)).all():
                 binary.append(name)
             elif len(arr) >= min_count:
-                numeric.append((name, *_center_scale(arr)))
+                if _skewed(arr, low=0.0):  # counts and assay levels (nodes, receptors): log1p axis
+                    numeric.append((name, *_center_scale(np.log1p(arr)), True))
+                else:
+                    numeric.append((name, *_center_scale(arr)))
             continue
         counts: dict[str, int] = {}
         for v in values:
@@ -265,11 +285,8 @@ def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates
     labs: list[tuple[str, str, float, float, bool]] = []
     for code in sorted(c for c, n in carriers.items() if n >= min_count):
         arr = np.asarray(by_code[code], dtype=np.float64)
-        p10, p50, p90 = np.percentile(arr, [10, 50, 90])
-        # strongly right-skewed positive values (CRP, triglycerides, viral loads) scale on the log
-        # axis; the quantile skew ratio is location- and scale-free and ignores outliers (for a
-        # log-normal it is exp(1.28 sigma): > 2 means sigma > 0.54; symmetric labs give about 1)
-        log = bool((arr > 0).all() and p50 > p10 and (p90 - p50) / (p50 - p10) > 2)
+        # strongly right-skewed positive values (CRP, triglycerides, viral loads) scale on the log axis
+        log = _skewed(arr, low=None)
         labs.append((code, code, *_center_scale(np.log(np.maximum(arr, 1e-3)) if log else arr), log))
     return cls(labs=tuple(labs), numeric=tuple(numeric), binary=tuple(binary), categorical=tuple(categorical),
                max_visits=int(max_visits), history_days=float(history_days))

@@ -122,3 +122,18 @@ def test_encode_treats_missing_numbers_as_centred():
                                                                     "sex": math.nan, "bmi": 33.0})
     static, _, _ = encode(r, default)
     assert not np.isnan(static).any() and static[1] == pytest.approx(1.0)
+
+
+def test_skewed_counts_scale_on_log1p_and_round_trip():
+    rng = np.random.default_rng(4)
+    recs = [PatientRecord(patient_id=f"row-{i:08d}", site="s", arm=Arm(i % 2),
+                          baseline={"nodes": float(np.floor(rng.lognormal(1.0, 1.2))), "age": float(rng.normal(60, 9))},
+                          outcomes=Outcomes(time_to_event=100.0, event=False)) for i in range(300)]
+    spec = FeatureSpec.fit(recs)
+    entries = {e[0]: e for e in spec.numeric}
+    assert entries["nodes"][3:] == (True,) and len(entries["age"]) == 3  # symmetric age stays linear
+    assert FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).fingerprint() == spec.fingerprint()
+    _, centre, scale, _ = entries["nodes"]
+    big = recs[0].model_copy(update={"baseline": {"nodes": 40.0, "age": 60.0}})
+    static, _, _ = encode(big, spec)
+    assert static[0] == pytest.approx((math.log1p(40.0) - centre) / scale)  # log1p axis, not clipped at 6 sd

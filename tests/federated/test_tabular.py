@@ -55,7 +55,8 @@ def test_gbsg2_to_records_to_fitted_spec_to_arrays():
     assert sum(x.arm == Arm.TREATMENT for x in data.records) == int((d.horTh == "yes").sum())
 
     spec = FeatureSpec.fit(data.records, covariates=data.covariates)
-    assert [n for n, _, _ in spec.numeric] == ["age", "tsize", "pnodes", "progrec", "estrec"]
+    assert [n for n, *_ in spec.numeric] == ["age", "tsize", "pnodes", "progrec", "estrec"]
+    assert {n for n, *rest in spec.numeric if rest[2:]} == {"tsize", "pnodes", "progrec", "estrec"}  # skewed: log1p
     assert dict(spec.categorical) == {"menostat": ("Post", "Pre"), "tgrade": ("I", "II", "III")}
     assert spec.labs == ()
     arrays = encode_cohort(data.records, spec)
