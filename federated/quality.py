@@ -96,12 +96,13 @@ def check_twin(tok: EventTokenizer, patient: PatientRecord, future: list[int], *
     # times strictly increase between visits and stay within the horizon
     times = sorted({e.time for e in dec.events})
     checks += 1
+    time_reasons = []
     if any(t <= 0 or t > tok.spec.horizon_days for t in times) or dec.time > tok.spec.horizon_days:
-        failed += 1
-        reasons.append("times outside (0, horizon]")
+        time_reasons.append("times outside (0, horizon]")
     if times and dec.status != "end" and dec.time < times[-1]:
-        failed += 1
-        reasons.append("outcome before the last visit")
+        time_reasons.append("outcome before the last visit")
+    failed += bool(time_reasons)
+    reasons += time_reasons
     # physiological ranges
     valued = [e for e in dec.events if e.value is not None]
     checks += 1
