@@ -149,13 +149,15 @@ def fuse_clipping(optimizer) -> bool:
 
 
 def use_output_hooks(gsm) -> None:
-    """Swap a hooks-mode GradSampleModule's full backward hooks for hooks on each layer's output.
+    """Make a hooks-mode GradSampleModule take per-sample gradients from each layer's output.
 
     Opacus's `register_full_backward_hook` wraps every layer's inputs and outputs in extra
-    autograd nodes and forces gradients for inputs nobody needs; a hook on the output
-    tensor receives the same gradient (what Opacus calls backprops) without either.
-    Layers whose rule needs their own backward to have run first (`needs_full_backward_hook`,
-    the BiLSTM) keep Opacus's hooks.
+    autograd nodes and forces gradients for inputs nobody needs, and its bookkeeping
+    allocates and copies a padded per-sample buffer per parameter per step. A hook on the
+    output tensor receives the same gradient (Opacus's backprops) and hands it straight to
+    the layer's Opacus rule; the result becomes `p.grad_sample` (summed if a layer runs
+    twice in one forward). Layers whose rule needs their own backward to have run first
+    (`needs_full_backward_hook`, the BiLSTM) keep Opacus's hooks.
     """
     from functools import partial
 
@@ -168,17 +170,31 @@ def use_output_hooks(gsm) -> None:
         h.remove()
     handles.clear()
     for module in gsm.iterate_submodules(gsm._module):
-        if getattr(module, "needs_full_backward_hook", False):  # its rule reads state its own backward leaves
+        if getattr(module, "needs_full_backward_hook", False):
             handles.append(module.register_forward_hook(gsm.capture_activations_hook))
             handles.append(module.register_full_backward_hook(partial(
                 gsm.capture_backprops_hook, loss_reduction=gsm.loss_reduction, batch_first=gsm.batch_first)))
         else:
-            handles.append(module.register_forward_hook(partial(_capture_with_output_hook, gsm)))
+            rule = GradSampleModule.GRAD_SAMPLERS.get(type(module))
+            if rule is None:
+                raise ValueError(f"no per-sample gradient rule for {type(module).__name__}; register one in dp_layers")
+            handles.append(module.register_forward_hook(partial(_output_hook, gsm, rule)))
     gsm.enable_hooks()
 
 
-def _capture_with_output_hook(gsm, module, inputs, output) -> None:
-    gsm.capture_activations_hook(module, inputs, output)
-    if isinstance(output, torch.Tensor) and output.requires_grad and gsm.hooks_enabled and module.training:
-        output.register_hook(lambda g: gsm.capture_backprops_hook(module, None, (g,), loss_reduction=gsm.loss_reduction,
-                                                                  batch_first=gsm.batch_first) and None)
+def _output_hook(gsm, rule, module, inputs, output) -> None:
+    if not (gsm.hooks_enabled and module.training and torch.is_grad_enabled()):
+        return
+    if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        return
+    activations = [t.detach() for t in inputs]
+
+    def on_grad(g: torch.Tensor) -> None:
+        backprops = g.detach()
+        if gsm.loss_reduction == "mean":
+            backprops = backprops * backprops.shape[0]  # the optimizer divides by the batch size again
+        for p, gs in rule(module, activations, backprops).items():
+            if p.requires_grad:
+                p.grad_sample = gs if p.grad_sample is None else p.grad_sample + gs
+
+    output.register_hook(on_grad)
