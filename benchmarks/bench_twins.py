@@ -29,10 +29,10 @@ from evoclone.federated.metrics import c_index
 from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_dp, ensemble_history, train_ensemble
 from evoclone.federated.simulator import cohort_records, simulate_cohort
 from evoclone.federated.tokenizer import EventTokenizer, default_horizon
-from evoclone.federated.trainer import DPSettings, TrainConfig, steps_per_epoch
+from evoclone.federated.trainer import TrainConfig, budgeted_dp
 from evoclone.federated.training import subset
 from evoclone.federated.twin_eval import evaluate_generator
-from evoclone.privacy.accounting import calibrate_noise, epsilon_of
+from evoclone.privacy.accounting import epsilon_of
 
 SIM_COVARIATES = ["age", "sex", "bmi", "genotype", "diabetes", "hypertension", "ckd", "prior_mi"]
 
@@ -55,12 +55,8 @@ def simulator(args) -> list[dict]:
     for eps in (None, args.epsilon):
         tcfg = TrainConfig(epochs=args.epochs if eps is None else args.dp_epochs, batch_size=args.batch,
                            lr=args.lr, seed=args.seed)
-        dp = None
-        if eps is not None:
-            q = 1 / steps_per_epoch(len(seqs), tcfg.batch_size)
-            sigma = calibrate_noise(prior=[], target_epsilon=eps, delta=args.delta, sample_rate=q,
-                                    steps=tcfg.epochs * steps_per_epoch(len(seqs), tcfg.batch_size))
-            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=args.clip, grad_sample_mode=args.grad_sample_mode)
+        dp = None if eps is None else budgeted_dp(len(seqs), tcfg, target_epsilon=eps, delta=args.delta,
+                                                  max_grad_norm=args.clip, grad_sample_mode=args.grad_sample_mode)
         model = build_generator(tok, size=args.size, seed=args.seed).to(args.device)
         t0 = time.perf_counter()
         result = train_generator(model, tok, seqs, tcfg, dp=dp)

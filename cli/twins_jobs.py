@@ -22,7 +22,7 @@ from evoclone.federated.artifacts import ArtifactError, load_component, read_man
 from evoclone.federated.features import split_of
 from evoclone.federated.record import Arm, PatientRecord
 from evoclone.federated.tabular import OutcomeColumns, TabularData, records_from_frames
-from evoclone.federated.trainer import DPSettings, TrainConfig, steps_per_epoch
+from evoclone.federated.trainer import DPSettings, TrainConfig
 
 Progress = Callable[[int, int], None]
 MIN_TRAIN = 20
@@ -88,20 +88,17 @@ def split_records(records: list[PatientRecord]) -> dict[str, list[int]]:
 
 
 def _privacy(epsilon: float | None, delta: float, n: int, tcfg: TrainConfig, runs: int = 1) -> DPSettings | None:
-    """Noise for `runs` trainings of `tcfg` on n examples to spend `epsilon` in total (Opacus RDP accountant)."""
+    """Noise for `runs` trainings of `tcfg` on n examples to spend `epsilon` in total, or None without DP."""
+    from evoclone.federated.trainer import budgeted_dp
+
     if epsilon is None:
         return None
-    from evoclone.privacy.accounting import calibrate_noise
-
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise TwinsInputError(f"--epsilon must be a positive number, got {epsilon}")
-    steps = tcfg.epochs * steps_per_epoch(n, tcfg.batch_size) * runs
     try:
-        sigma = calibrate_noise(prior=[], target_epsilon=epsilon, delta=delta,
-                                sample_rate=1 / steps_per_epoch(n, tcfg.batch_size), steps=steps)
+        return budgeted_dp(n, tcfg, runs=runs, target_epsilon=epsilon, delta=delta, max_grad_norm=1.0)
     except ValueError as exc:
         raise TwinsInputError(f"--epsilon {epsilon}: {exc}") from None
-    return DPSettings(noise_multiplier=sigma, max_grad_norm=1.0)
 
 
 def _spent(histories: list[list[tuple[float, float, int]]], delta: float) -> float | None:
@@ -306,7 +303,7 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     """Fit the feature spec, train a calibrated (DP) deep ensemble, save it; returns the --json summary."""
     from evoclone.federated.features import FeatureSpec, encode_cohort
     from evoclone.federated.models.fusion import FusionConfig
-    from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_dp, ensemble_history, train_ensemble
+    from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_history, train_ensemble
     from evoclone.federated.tokenizer import default_horizon
     from evoclone.federated.training import subset
 
@@ -327,15 +324,7 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     cfg = FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, max_visits=spec.max_visits,
                        endpoint=endpoint, horizon_days=horizon)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    dp = None
-    if epsilon is not None:
-        if not (epsilon > 0 and math.isfinite(epsilon)):
-            raise TwinsInputError(f"--epsilon must be a positive number, got {epsilon}")
-        try:
-            dp = ensemble_dp(len(train["static"]), tcfg, members=members, target_epsilon=epsilon, delta=delta,
-                             max_grad_norm=1.0)
-        except ValueError as exc:
-            raise TwinsInputError(f"--epsilon {epsilon}: {exc}") from None
+    dp = _privacy(epsilon, delta, len(train["static"]), tcfg, runs=members)  # members compose
     ensemble, results = train_ensemble(cfg, train, val, tcfg, members=members, dp=dp, on_step=on_step)
     spent = _spent([ensemble_history(results)], delta)
     value = _metric(endpoint, val, ensemble.predict(val)["risk"]) if len(val["static"]) else float("nan")

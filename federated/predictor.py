@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .features import FeatureSpec
 from .models.fusion import FusionConfig, FusionPredictor, discrete_hazard_nll
-from .trainer import DPSettings, TrainConfig, TrainResult, steps_per_epoch
+from .trainer import DPSettings, TrainConfig, TrainResult, budgeted_dp, steps_per_epoch
 from .training import build_model, mean_loss, train
 
 RISK_THRESHOLDS = (0.10, 0.20)  # probability cut points: < 0.10 low, < 0.20 moderate, else high
@@ -335,9 +335,5 @@ def ensemble_dp(n: int, tcfg: TrainConfig, *, members: int, target_epsilon: floa
                 max_grad_norm: float, grad_sample_mode: str = "hooks",
                 prior: list[tuple[float, float, int]] | None = None) -> DPSettings:
     """DP settings whose noise makes all members' training together spend `target_epsilon` (with `prior`)."""
-    from evoclone.privacy.accounting import calibrate_noise
-
-    per_epoch = steps_per_epoch(n, tcfg.batch_size)
-    sigma = calibrate_noise(prior=list(prior or []), target_epsilon=target_epsilon, delta=delta,
-                            sample_rate=1.0 / per_epoch, steps=members * tcfg.epochs * per_epoch)
-    return DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode)
+    return budgeted_dp(n, tcfg, runs=members, target_epsilon=target_epsilon, delta=delta,
+                       max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode, prior=prior)

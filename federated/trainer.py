@@ -69,6 +69,19 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def budgeted_dp(n: int, cfg: TrainConfig, *, target_epsilon: float, delta: float, max_grad_norm: float,
+                runs: int = 1, grad_sample_mode: str = "hooks",
+                prior: list[tuple[float, float, int]] | None = None) -> DPSettings:
+    """DP settings whose noise makes `runs` trainings of `cfg` on n examples spend `target_epsilon`
+    in total on top of `prior` (Opacus RDP accountant; Poisson rate 1 / steps per epoch, as `fit` samples)."""
+    from evoclone.privacy.accounting import calibrate_noise
+
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    sigma = calibrate_noise(prior=list(prior or []), target_epsilon=target_epsilon, delta=delta,
+                            sample_rate=1.0 / per_epoch, steps=runs * cfg.epochs * per_epoch)
+    return DPSettings(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode)
+
+
 def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, loss_fn: LossFn,
         dp: DPSettings | None = None, on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train `model` in place; `loss_fn(module, batch)` returns the mean loss of a batch.
