@@ -211,3 +211,36 @@ def privacy_report(site_dir: SiteDir,
                   "-" if r.min_l is None else str(r.min_l), str(r.suppressed),
                   ", ".join(f"{a}: {g}" for a, g in r.generalization.items()) or "-")
     Console().print(t)
+
+
+@site_app.command()
+def budget(site_dir: SiteDir, as_json: AsJson = False) -> None:
+    """The site's privacy budget, what federated training has spent of it, and every charge.
+
+    Example: evoclone site budget --site-dir /srv/evoclone/site --json
+    """
+    from rich.table import Table
+
+    from evoclone.federated.stores.ledger import SqlLedgerStore
+
+    from .main import err
+
+    settings = _settings(site_dir)
+    store = SqlLedgerStore(url=settings.db_url)
+    try:
+        doc = store.summary()
+    finally:
+        store.close()
+    if doc["epsilon_budget"] is None:  # nothing trained yet: the configured budget, untouched
+        doc.update(epsilon_budget=settings.epsilon_budget, delta=settings.delta,
+                   epsilon_remaining=settings.epsilon_budget)
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    err.print(f"epsilon spent {doc['epsilon_spent']:.4f} of {doc['epsilon_budget']} (delta {doc['delta']}), "
+              f"remaining {doc['epsilon_remaining']:.4f}")
+    t = Table("run", "round", "noise", "sample rate", "steps", "epsilon after", "at", title="charges")
+    for c in doc["charges"]:
+        t.add_row(c["run_id"], str(c["round"]), f"{c['noise_multiplier']:.4f}", f"{c['sample_rate']:.4f}",
+                  str(c["steps"]), f"{c['epsilon_after']:.4f}", c["at"])
+    err.print(t)

@@ -47,11 +47,6 @@ class SiteSettings(BaseSettings):
         """Where the training snapshot is exported for the ClientApp."""
         return self.site_dir / "snapshot.safetensors"
 
-    @property
-    def ledger_path(self) -> Path:
-        """The persistent privacy ledger."""
-        return self.site_dir / "privacy_ledger.json"
-
 
 def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: float = 1e-5) -> SiteSettings:
     """Create a site directory with its settings file and a fresh 256-bit secret key."""

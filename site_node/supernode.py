@@ -1,11 +1,13 @@
 """The site's Flower SuperNode: the only process that lets the federation reach site data.
 
-The ClientApp it runs reads the site's anonymized snapshot and privacy ledger paths from
-the node config written here; the SuperLink never learns them.
+The ClientApp it runs reads the site's anonymized snapshot path and the database holding
+its privacy ledger from the node config written here (mode 0600: a PostgreSQL URL may
+carry a password); the SuperLink never learns them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import tomli_w
@@ -18,13 +20,16 @@ from .settings import SiteSettings
 def write_node_config(settings: SiteSettings) -> Path:
     """Write the node config (TOML) the ClientApp reads; returns its path."""
     path = (settings.site_dir / "node-config.toml").absolute()
-    path.write_text(tomli_w.dumps({
+    text = tomli_w.dumps({
         "site-name": settings.name,
         "snapshot": str(settings.snapshot_path.resolve()),
-        "ledger": str(settings.ledger_path.resolve()),
+        "ledger": settings.db_url,  # the ledger lives in the site's transactional store
         "epsilon-budget": settings.epsilon_budget,
         "delta": settings.delta,
-    }))
+    })
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     return path
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
 
 torch.set_num_threads(1)
@@ -29,3 +31,24 @@ def site_dir(tmp_path) -> Path:
     d = tmp_path / "site-a"
     init_site(d, name="site-a")
     return d
+
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"  # the machine's server (.ci/run starts it)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh database: a SQLite file, then a throwaway PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'site.db'}"
+        return
+    name = f"evoclone_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -8,8 +8,6 @@ ledger; a round that does not fit is refused with a typed reply.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -30,23 +28,15 @@ def _node(context: Context) -> dict:
     missing = [k for k in ("site-name", "snapshot", "ledger", "epsilon-budget", "delta") if k not in nc]
     if missing:
         raise ValueError(f"SuperNode started without node config {missing}; see `evoclone site` docs")
-    return {"site": str(nc["site-name"]), "snapshot": Path(str(nc["snapshot"])), "ledger": Path(str(nc["ledger"])),
+    return {"site": str(nc["site-name"]), "snapshot": Path(str(nc["snapshot"])), "ledger": str(nc["ledger"]),
             "budget": float(nc["epsilon-budget"]), "delta": float(nc["delta"])}
 
 
-def _load_ledger(path: Path, *, budget: float, delta: float, accountant: str):
-    from evoclone.privacy.accounting import PrivacyLedger
+def _open_ledger(url: str):
+    """The site's ledger store (SQL, in the site's own database)."""
+    from ..stores.ledger import SqlLedgerStore
 
-    if path.is_file():
-        state = json.loads(path.read_text())
-        return PrivacyLedger.from_state_dict(state["ledger"]), state.get("plans", {})
-    return PrivacyLedger(epsilon_budget=budget, delta=delta, accountant=accountant), {}
-
-
-def _save_ledger(path: Path, ledger, plans: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"ledger": ledger.state_dict(), "plans": plans}, indent=1))
-    os.replace(tmp, path)  # a crash leaves the old ledger or the new one, never half of one
+    return SqlLedgerStore(url=url)
 
 
 def _load_model(msg: Message, context: Context):
@@ -58,11 +48,6 @@ def _load_model(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD, charged to the site's privacy ledger."""
-    # Opacus is imported only where it is used: evaluate messages start faster without it
-    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
-
-    from ..training import TrainResult, train
-
     torch.set_num_threads(1)  # several SuperNodes share the host's cores
     node = _node(context)
     rc = context.run_config
@@ -72,22 +57,40 @@ def train(msg: Message, context: Context) -> Message:
     n = len(data["static"])
     per_epoch = steps_per_epoch(n, tcfg.batch_size)
     q, steps = 1.0 / per_epoch, tcfg.epochs * per_epoch
-    ledger, plans = _load_ledger(node["ledger"], budget=node["budget"], delta=node["delta"],
-                                 accountant=str(rc["accountant"]))
+    store = _open_ledger(node["ledger"])
+    reply_site = ConfigRecord({"site": node["site"]})
+    try:
+        return _train_round(msg, context, node, store, reply_site, tcfg=tcfg, data=data, arrays=arrays, n=n, q=q,
+                            steps=steps)
+    finally:
+        store.close()
+
+
+def _train_round(msg: Message, context: Context, node: dict, store, reply_site: ConfigRecord, *, tcfg, data, arrays,
+                 n: int, q: float, steps: int) -> Message:
+    # Opacus is imported only where it is used: evaluate messages start faster without it
+    from evoclone.privacy.accounting import LedgerEntry, PrivacyLedger, calibrate_noise
+
+    from ..stores.ledger import LedgerMismatchError
+    from ..training import TrainResult, train
+
+    rc = context.run_config
+    try:
+        ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
+    except LedgerMismatchError as exc:
+        return _refusal(msg, reply_site, PrivacyLedger(epsilon_budget=node["budget"], delta=node["delta"]), str(exc))
     run_key = str(context.run_id)
     server_round = int(msg.content["config"]["server-round"])
-    reply_site = ConfigRecord({"site": node["site"]})
-    if run_key not in plans:
+    sigma = store.plan(run_id=run_key)
+    if sigma is None:
         rounds = int(rc["num-server-rounds"])
-        already = ledger.spent()
-        target = min(node["budget"], already + float(rc["target-epsilon"]))
+        target = min(node["budget"], ledger.spent() + float(rc["target-epsilon"]))
         try:
-            plans[run_key] = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
-                                             sample_rate=q, steps=steps * rounds, accountant=ledger.accountant)
+            planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
+                                      sample_rate=q, steps=steps * rounds, accountant=ledger.accountant)
         except ValueError as exc:
             return _refusal(msg, reply_site, ledger, str(exc))
-        _save_ledger(node["ledger"], ledger, plans)
-    sigma = float(plans[run_key])
+        sigma = store.set_plan(run_id=run_key, noise_multiplier=planned)
     if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=steps):
         return _refusal(msg, reply_site, ledger, "round does not fit the remaining privacy budget")
     model = _load_model(msg, context)
@@ -95,9 +98,12 @@ def train(msg: Message, context: Context) -> Message:
     # a ClientApp process start) in every round but the last
     validation = _validation(model, arrays, model_config(rc).endpoint)
     result: TrainResult = train(model, data, tcfg, dp=dp_settings(rc, noise_multiplier=sigma))
-    spent = ledger.charge(LedgerEntry(run_id=run_key, round=server_round, noise_multiplier=sigma,
-                                      sample_rate=result.sample_rate, steps=result.steps))
-    _save_ledger(node["ledger"], ledger, plans)
+    try:  # one transaction: checked against the stored charges, written once per (run, round)
+        spent = store.charge(LedgerEntry(run_id=run_key, round=server_round, noise_multiplier=sigma,
+                                         sample_rate=result.sample_rate, steps=result.steps))
+    except ValueError as exc:
+        return _refusal(msg, reply_site, store.open(epsilon_budget=node["budget"], delta=node["delta"],
+                                                    accountant=ledger.accountant), str(exc))
     reply_site["status"] = STATUS_OK
     content = RecordDict({
         "arrays": ArrayRecord(model.state_dict()),

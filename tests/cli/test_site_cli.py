@@ -1,6 +1,7 @@
 import json
 import stat
 
+import pytest
 from typer.testing import CliRunner
 
 from evoclone.cli.main import app
@@ -61,3 +62,23 @@ def test_privacy_report(small_cohort, tmp_path):
     assert after["generalization"]["age"] != "exact"
     bad = runner.invoke(app, ["site", "privacy-report", "--site-dir", str(site), "--quasi", "shoe_size"])
     assert bad.exit_code == 2 and "shoe_size" in bad.stderr
+
+
+def test_site_budget_before_and_after_a_charge(tmp_path):
+    from evoclone.federated.stores.ledger import SqlLedgerStore
+    from evoclone.privacy.accounting import LedgerEntry
+    from evoclone.site_node.settings import get_settings
+
+    site = tmp_path / "s"
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "s", "--epsilon", "2"]).exit_code == 0
+    r = runner.invoke(app, ["site", "budget", "--site-dir", str(site), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["epsilon_spent"] == 0.0 and doc["epsilon_remaining"] == 2.0 and doc["charges"] == []
+    store = SqlLedgerStore(url=get_settings(site).db_url)
+    store.open(epsilon_budget=2.0, delta=1e-5)
+    store.charge(LedgerEntry(run_id="9", round=1, noise_multiplier=3.0, sample_rate=0.05, steps=10))
+    store.close()
+    doc = json.loads(runner.invoke(app, ["site", "budget", "--site-dir", str(site), "--json"]).stdout)
+    assert 0 < doc["epsilon_spent"] < 2.0 and doc["charges"][0]["run_id"] == "9"
+    assert doc["epsilon_remaining"] == pytest.approx(2.0 - doc["epsilon_spent"], abs=1e-6)
+    assert runner.invoke(app, ["site", "budget", "--site-dir", str(tmp_path / "nope")]).exit_code == 2

@@ -1,6 +1,5 @@
 """The same contract runs against SQLite and the PostgreSQL server this machine runs."""
 
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -11,26 +10,6 @@ from evoclone.site_node.keyring import create_keyring, load_keyring
 from evoclone.site_node.pipeline import ingest_extract, open_store, rotate_master_key
 from evoclone.site_node.settings import get_settings
 from evoclone.site_node.store import SiteStore
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'site.db'}"
-        return
-    name = f"evoclone_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
 
 def _record(pid="P-" + "a" * 32, value=1.0):
     return PatientRecord(patient_id=pid, site="s", baseline={"age": 70.0, "sex": "F"}, arm=Arm.TREATMENT,
