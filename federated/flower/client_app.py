@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train_round(msg: Message, context: Context, node: dict, store, reply_site: ConfigRecord, *, tcfg, data, arrays,
                  n: int, q: float, steps: int) -> Message:
     # Opacus is imported only where it is used: evaluate messages start faster without it
-    from evoclone.privacy.accounting import LedgerEntry, PrivacyLedger, calibrate_noise
+    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
 
     from ..stores.ledger import LedgerMismatchError
     from ..training import TrainResult, train
@@ -77,8 +77,8 @@ def _train_round(msg: Message, context: Context, node: dict, store, reply_site: 
     rc = context.run_config
     try:
         ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
-    except LedgerMismatchError as exc:
-        return _refusal(msg, reply_site, PrivacyLedger(epsilon_budget=node["budget"], delta=node["delta"]), str(exc))
+    except LedgerMismatchError as exc:  # report what the stored ledger says, not the request
+        return _refusal(msg, reply_site, store.stored(), str(exc))
     run_key = str(context.run_id)
     server_round = int(msg.content["config"]["server-round"])
     sigma = store.plan(run_id=run_key)

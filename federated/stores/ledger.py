@@ -59,6 +59,13 @@ class SqlLedgerStore:
                     "a budget is fixed once spending starts: restore the site settings")
             return self._ledger(conn)
 
+    def stored(self) -> PrivacyLedger | None:
+        """The ledger as stored (its own budget), or None before the first open."""
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(self.budget)).first() is None:
+                return None
+            return self._ledger(conn)
+
     def _ledger(self, conn, *, lock: bool = False) -> PrivacyLedger:
         q = sa.select(self.budget).where(self.budget.c.id == 1)
         # PostgreSQL: the budget row lock serialises concurrent charges (SQLite locks the file on write)

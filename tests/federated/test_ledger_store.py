@@ -44,8 +44,10 @@ def test_a_round_is_charged_once_and_the_budget_is_enforced(db_url):
 
 def test_the_budget_cannot_be_changed_by_configuration(tmp_path):
     store = SqlLedgerStore(url=f"sqlite:///{tmp_path / 'a.db'}")
+    assert store.stored() is None
     store.open(epsilon_budget=3.0, delta=1e-5)
     with pytest.raises(LedgerMismatchError, match="fixed once"):
         store.open(epsilon_budget=30.0, delta=1e-5)
+    assert store.stored().epsilon_budget == 3.0  # the stored budget stands
     with pytest.raises(ValueError):
         SqlLedgerStore(url=f"sqlite:///{tmp_path / 'b.db'}").open(epsilon_budget=0.0, delta=1e-5)
