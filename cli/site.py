@@ -244,3 +244,37 @@ def budget(site_dir: SiteDir, as_json: AsJson = False) -> None:
         t.add_row(c["run_id"], str(c["round"]), f"{c['noise_multiplier']:.4f}", f"{c['sample_rate']:.4f}",
                   str(c["steps"]), f"{c['epsilon_after']:.4f}", c["at"])
     err.print(t)
+
+
+@site_app.command("reset-budget")
+def reset_budget(site_dir: SiteDir,
+                 admin: Annotated[str, typer.Option(help="the administrator taking this decision (audited)")],
+                 reason: Annotated[str, typer.Option(help="why the site may spend a budget again (audited)")],
+                 yes: Annotated[bool, typer.Option("--yes", help="confirm: every recorded charge is cleared")] = False,
+                 as_json: AsJson = False) -> None:
+    """Clear the privacy ledger (an audited administrator decision, e.g. for a new dataset).
+
+    The cleared charges are kept in the ledger's audit log with the administrator and reason.
+    Example: evoclone site reset-budget --site-dir /srv/evoclone/site --admin "J. Doe" --reason "new dataset, DPO ticket 42" --yes
+    """
+    from evoclone.federated.stores.ledger import SqlLedgerStore
+
+    from .main import err, fail
+
+    if not yes:
+        raise fail("reset-budget clears every recorded privacy charge; add --yes to confirm", 2)
+    settings = _settings(site_dir)
+    store = SqlLedgerStore(url=settings.db_url)
+    try:
+        before = store.reset(admin=admin, reason=reason)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    finally:
+        store.close()
+    doc = {"cleared_charges": len(before["charges"]), "epsilon_spent_before": before["epsilon_spent"],
+           "admin": admin.strip(), "reason": reason.strip()}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        err.print(f"ledger cleared ({doc['cleared_charges']} charges, epsilon {doc['epsilon_spent_before']:.4f}); "
+                  "recorded in the ledger's audit log")

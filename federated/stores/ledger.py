@@ -41,6 +41,11 @@ class SqlLedgerStore:
         self.plans = sa.Table(
             "privacy_plan", meta, sa.Column("run_id", sa.String(64), primary_key=True),
             sa.Column("noise_multiplier", sa.Float, nullable=False))
+        self.audit = sa.Table(
+            "privacy_admin_log", meta, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("at", sa.String(40), nullable=False), sa.Column("action", sa.String(32), nullable=False),
+            sa.Column("admin", sa.String(128), nullable=False), sa.Column("reason", sa.Text, nullable=False),
+            sa.Column("before", sa.JSON, nullable=False))
         meta.create_all(self.engine)
 
     def open(self, *, epsilon_budget: float, delta: float, accountant: str = "rdp") -> PrivacyLedger:
@@ -107,6 +112,30 @@ class SqlLedgerStore:
                 return float(v)
             conn.execute(self.plans.insert().values(run_id=run_id, noise_multiplier=float(noise_multiplier)))
             return float(noise_multiplier)
+
+    def reset(self, *, admin: str, reason: str) -> dict:
+        """Clear the budget, charges and plans, keeping an audit row with everything cleared.
+
+        The only way to spend a budget again: a site administrator's decision (a new
+        dataset, say), named and justified; the audit log itself is never cleared.
+        """
+        if not admin.strip() or not reason.strip():
+            raise ValueError("a ledger reset needs the administrator's name and a reason")
+        before = self.summary()
+        with self.engine.begin() as conn:
+            conn.execute(self.audit.insert().values(at=datetime.now(timezone.utc).isoformat(), action="reset",
+                                                    admin=admin.strip(), reason=reason.strip(), before=before))
+            conn.execute(self.charges.delete())
+            conn.execute(self.plans.delete())
+            conn.execute(self.budget.delete())
+        return before
+
+    def audit_log(self) -> list[dict]:
+        """Every administrative action on the ledger, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.audit).order_by(self.audit.c.id)).all()
+        return [{"at": r.at, "action": r.action, "admin": r.admin, "reason": r.reason, "before": r.before}
+                for r in rows]
 
     def summary(self) -> dict:
         """Budget, spent, remaining and the charges (for `evoclone site budget`)."""

@@ -82,3 +82,17 @@ def test_site_budget_before_and_after_a_charge(tmp_path):
     assert 0 < doc["epsilon_spent"] < 2.0 and doc["charges"][0]["run_id"] == "9"
     assert doc["epsilon_remaining"] == pytest.approx(2.0 - doc["epsilon_spent"], abs=1e-6)
     assert runner.invoke(app, ["site", "budget", "--site-dir", str(tmp_path / "nope")]).exit_code == 2
+
+    reset = ["site", "reset-budget", "--site-dir", str(site), "--admin", "it-admin", "--reason", "new dataset"]
+    r = runner.invoke(app, reset)
+    assert r.exit_code == 2 and "--yes" in r.stderr  # nothing cleared without confirmation
+    assert json.loads(runner.invoke(app, ["site", "budget", "--site-dir", str(site), "--json"]).stdout)["charges"]
+    r = runner.invoke(app, [*reset[:-2], "--reason", " ", "--yes"])
+    assert r.exit_code == 2
+    r = runner.invoke(app, [*reset, "--yes", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["cleared_charges"] == 1
+    doc = json.loads(runner.invoke(app, ["site", "budget", "--site-dir", str(site), "--json"]).stdout)
+    assert doc["charges"] == [] and doc["epsilon_spent"] == 0.0
+    store = SqlLedgerStore(url=get_settings(site).db_url)
+    assert store.audit_log()[0]["admin"] == "it-admin"
+    store.close()

@@ -51,3 +51,19 @@ def test_the_budget_cannot_be_changed_by_configuration(tmp_path):
     assert store.stored().epsilon_budget == 3.0  # the stored budget stands
     with pytest.raises(ValueError):
         SqlLedgerStore(url=f"sqlite:///{tmp_path / 'b.db'}").open(epsilon_budget=0.0, delta=1e-5)
+
+
+def test_reset_is_audited_and_the_only_way_back(db_url):
+    store = SqlLedgerStore(url=db_url)
+    store.open(epsilon_budget=2.0, delta=1e-5)
+    store.charge(LedgerEntry(run_id="1", round=1, noise_multiplier=3.0, sample_rate=0.05, steps=10))
+    with pytest.raises(ValueError, match="name and a reason"):
+        store.reset(admin=" ", reason="x")
+    assert len(store.summary()["charges"]) == 1  # a refused reset changes nothing
+    before = store.reset(admin="it-admin", reason="new dataset approved by the DPO")
+    assert len(before["charges"]) == 1 and store.summary()["charges"] == [] and store.stored() is None
+    assert store.open(epsilon_budget=4.0, delta=1e-5).epsilon_budget == 4.0  # a new budget may start
+    log = store.audit_log()
+    assert [(e["action"], e["admin"]) for e in log] == [("reset", "it-admin")]
+    assert log[0]["before"]["charges"][0]["run_id"] == "1"
+    store.close()
