@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evoclone.federated.features import FeatureSpec, encode_cohort, split_of
+from evoclone.federated.features import FeatureSpec, encode_cohort, split_of, split_records
 from evoclone.federated.generation import SamplingConfig
 from evoclone.federated.generator_training import build_generator, encode_records, perplexity, train_generator
 from evoclone.federated.metrics import c_index
@@ -37,17 +37,10 @@ from evoclone.privacy.accounting import epsilon_of
 SIM_COVARIATES = ["age", "sex", "bmi", "genotype", "diabetes", "hypertension", "ckd", "prior_mi"]
 
 
-def _splits(records):
-    parts = {0: [], 1: [], 2: []}
-    for r in records:
-        parts[split_of(r.patient_id)].append(r)
-    return parts[0], parts[1], parts[2]
-
-
 def simulator(args) -> list[dict]:
     """GPT generator quality, DP at args.epsilon vs non-private, on the simulator."""
     records = cohort_records(simulate_cohort(patients=args.patients, sites=3, seed=args.seed))
-    train, val, test = _splits(records)
+    train, val, test = ([records[i] for i in idx] for idx in split_records(records).values())
     tok = EventTokenizer.fit(train, covariates=SIM_COVARIATES, max_len=args.max_len)
     seqs, _ = encode_records(tok, train)
     val_seqs, _ = encode_records(tok, val)

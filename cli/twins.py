@@ -33,7 +33,7 @@ def _progress(description: str):
         def advance(k: int) -> None:
             progress.advance(task, k)
 
-        yield step, advance, progress, task
+        yield step, advance
 
 
 def _run(fn, *args, **kwargs):
@@ -97,7 +97,7 @@ def train(
         raise fail(f"--delta must be in (0, 1), got {delta}", 2)
     table = _run(load_table, data, events, cols)
     fp = fingerprint(data, events)
-    with _progress(f"training the {model} model" + (f" (DP, epsilon {epsilon})" if epsilon else "")) as (step, *_):
+    with _progress(f"training the {model} model" + (f" (DP, epsilon {epsilon})" if epsilon else "")) as (step, _):
         if model == "gpt":
             meta = {k: v for k, v in (("indication", indication), ("phase", phase), ("endpoint", endpoint_name)) if v}
             summary = _run(train_gpt, table, out=out, cols=cols, data_fp=fp, epsilon=epsilon, delta=delta,
@@ -159,7 +159,7 @@ def generate(model_dir: ModelDir, patients: Annotated[Path, typer.Option(help="p
     from .twins_jobs import generate as run_generate
     from .twins_jobs import write_json
 
-    with _progress("generating twins") as (step, advance, progress, task):
+    with _progress("generating twins") as (_, advance):
         doc = _run(run_generate, model_dir, patients, events, arm=arm, n=n, temperature=temperature, top_p=top_p,
                    max_tries=max_tries, seed=seed, on_batch=advance)
     _run(write_json, out, doc)
@@ -185,7 +185,7 @@ def evaluate(model_dir: ModelDir, real: Annotated[Path, typer.Option(help="real 
     from .main import err
     from .twins_jobs import evaluate as run_evaluate
 
-    with _progress("generating twins for evaluation") as (step, advance, progress, task):
+    with _progress("generating twins for evaluation") as (_, advance):
         doc = _run(run_evaluate, model_dir, real, events, seed=seed, on_batch=advance)
     if as_json:
         typer.echo(json.dumps(doc, default=float))

@@ -12,14 +12,14 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from evoclone.federated.artifacts import ArtifactError, load_component, read_manifest, save_component
-from evoclone.federated.features import split_of
+from evoclone.federated.artifacts import ArtifactError, load_component, save_component, sha256_file
+from evoclone.federated.features import split_records
 from evoclone.federated.record import Arm, PatientRecord
 from evoclone.federated.tabular import OutcomeColumns, TabularData, records_from_frames
 from evoclone.federated.trainer import DPSettings, TrainConfig
@@ -57,18 +57,13 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
 
 
 def fingerprint(*paths: Path | None) -> str:
-    """sha256 over the input files' bytes (which data a model was trained on, without keeping it)."""
-    h = hashlib.sha256()
-    for p in paths:
-        if p is not None:
-            h.update(p.read_bytes())
-            h.update(b"\0")
-    return h.hexdigest()
+    """sha256 over the input files' hashes (which data a model was trained on, without keeping it)."""
+    return hashlib.sha256("\0".join(sha256_file(p) for p in paths if p is not None).encode()).hexdigest()
 
 
-def load_table(data: Path, events: Path | None, cols: Columns) -> TabularData:
-    """Records from a patients CSV and an optional events CSV."""
-    patients = _read_csv(data, "patients")
+def load_table(data: Path, events: Path | None, cols: Columns, *, patients: pd.DataFrame | None = None) -> TabularData:
+    """Records from a patients CSV (or its already-read frame) and an optional events CSV."""
+    patients = _read_csv(data, "patients") if patients is None else patients
     ev = _read_csv(events, "events") if events is not None else None
     try:
         return records_from_frames(patients, ev, treatment=cols.treatment, outcome=cols.outcome,
@@ -76,15 +71,6 @@ def load_table(data: Path, events: Path | None, cols: Columns) -> TabularData:
                                    events_source=str(events) if events else "<events>")
     except ValueError as exc:
         raise TwinsInputError(str(exc).splitlines()[0]) from None
-
-
-def split_records(records: list[PatientRecord]) -> dict[str, list[int]]:
-    """Deterministic train/val/test row indices (the same rule as the federated snapshots)."""
-    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    names = {0: "train", 1: "val", 2: "test"}
-    for i, r in enumerate(records):
-        out[names[split_of(r.patient_id)]].append(i)
-    return out
 
 
 def _privacy(epsilon: float | None, delta: float, n: int, tcfg: TrainConfig, runs: int = 1) -> DPSettings | None:
@@ -196,12 +182,7 @@ def _input_table(path: Path, events: Path | None, entry: dict, *, need_treatment
     if missing:
         raise TwinsInputError(f"{path}: covariate columns {missing} the model was trained with are missing; "
                               "add them (empty cells count as missing values)")
-    try:
-        return records_from_frames(patients, _read_csv(events, "events") if events else None, treatment=treatment,
-                                   outcome=None, covariates=cols.covariates, id_column=cols.id_column,
-                                   source=str(path), events_source=str(events) if events else "<events>")
-    except ValueError as exc:
-        raise TwinsInputError(str(exc).splitlines()[0]) from None
+    return load_table(path, events, replace(cols, treatment=treatment), patients=patients)
 
 
 def generate(model_dir: Path, patients: Path, events: Path | None, *, arm: str, n: int, temperature: float,

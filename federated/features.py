@@ -169,6 +169,15 @@ def split_of(patient_id: str, *, val: float = 0.15, test: float = 0.2) -> int:
     return SPLITS["test"] if u < test else SPLITS["val"] if u < test + val else SPLITS["train"]
 
 
+def split_records(records: list[PatientRecord]) -> dict[str, list[int]]:
+    """Indices of the records in each split ("train", "val", "test"), by `split_of`."""
+    out: dict[str, list[int]] = {name: [] for name in SPLITS}
+    names = {v: k for k, v in SPLITS.items()}
+    for i, r in enumerate(records):
+        out[names[split_of(r.patient_id)]].append(i)
+    return out
+
+
 def encode_cohort(records: list[PatientRecord], spec: FeatureSpec) -> dict[str, np.ndarray]:
     """Stack records into the arrays of a training snapshot."""
     n = len(records)

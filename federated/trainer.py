@@ -145,7 +145,7 @@ def _fit_private(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, loss
         loss, _ = _loop(private, dp_loader, opt, cfg, loss_fn, on_step, private=True, criterion=criterion)
     steps = sum(s for _, _, s in engine.accountant.history)
     sample_rate = engine.accountant.history[-1][1] if engine.accountant.history else 0.0
-    private.remove_hooks() if hasattr(private, "remove_hooks") else None
+    private.remove_hooks()  # every Opacus wrapper (hooks, ghost) has them
     for p in model.parameters():
         p.grad_sample = None
         p.grad = None

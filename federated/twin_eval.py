@@ -66,9 +66,10 @@ def evaluate_generator(model: TwinGPT, tok: EventTokenizer, train: list[PatientR
     test_twins, failed_test = _twins_under_own_arm(model, tok, test, sampling, meta, on_progress)
     keep = [i for i, t in enumerate(test_twins) if t is not None]
     real_t, twin_t = [test[i] for i in keep], [test_twins[i] for i in keep]
+    real_tokens, twin_tokens = _future_tokens(tok, real_t, meta), _future_tokens(tok, twin_t, meta)
     fidelity = {
-        "unigram_r2": ev.unigram_r2(_future_tokens(tok, real_t, meta), _future_tokens(tok, twin_t, meta)),
-        "bigram_r2": ev.bigram_r2(_future_tokens(tok, real_t, meta), _future_tokens(tok, twin_t, meta)),
+        "unigram_r2": ev.unigram_r2(real_tokens, twin_tokens),
+        "bigram_r2": ev.bigram_r2(real_tokens, twin_tokens),
         "km_by_arm": ev.km_by_arm(real_t, twin_t, h),
         "visit_marginals": ev.visit_marginals(real_t, twin_t, codes) if codes else [],
     }

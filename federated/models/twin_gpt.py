@@ -52,11 +52,6 @@ class TwinGPTConfig:
         """JSON-able config (stored in the manifest)."""
         return asdict(self)
 
-    def params_estimate(self) -> int:
-        """Approximate parameter count (for the arithmetic bound of generation)."""
-        d = self.n_embd
-        return self.n_layer * 12 * d * d + 2 * self.vocab_size * d + self.n_positions * d
-
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Batch-expanded position ids (B, T) counting only real tokens (left padding gets 0)."""
