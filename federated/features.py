@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .record import Arm, PatientRecord
+from .summaries import DataSummary, NumericSummary, summarize
 
 # lab code -> (name, center, scale, log-transform)
 DEFAULT_LABS: tuple[tuple[str, str, float, float, bool], ...] = (
@@ -211,36 +212,45 @@ def _sig2(x: float) -> float:
     return 0.0 if x == 0 or not math.isfinite(x) else float(f"{x:.2g}")
 
 
-def _center_scale(v: np.ndarray) -> tuple[float, float]:
-    """Median and a robust spread (IQR/1.349, then sd, then 1), both to two significant digits."""
-    q25, q50, q75 = np.percentile(v, [25, 50, 75])
+def _center_scale(values: NumericSummary, transform=None) -> tuple[float, float]:
+    """Median and a robust spread (IQR/1.349, then sd, then 1), both to two significant digits.
+
+    `transform` (log or log1p, monotone) maps the quantiles; the sd fallback is then 1.
+    """
+    q25, q50, q75 = values.quantile([0.25, 0.5, 0.75])
+    if transform is not None:
+        q25, q50, q75 = transform(q25), transform(q50), transform(q75)
     scale = float(q75 - q25) / 1.349
-    if not scale > 0:
-        scale = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    if not scale > 0 and transform is None:
+        scale = values.std(ddof=1)
     scale = _sig2(scale) if scale > 0 else 1.0
     return _sig2(float(q50)), scale
 
 
-def _is_missing(v) -> bool:
-    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
-
-
-def _skewed(arr: np.ndarray, *, low: float | None) -> bool:
+def _skewed(values: NumericSummary, *, low: float | None) -> bool:
     """Strong right skew: the quantile skew ratio (p90 - p50) / (p50 - p10) above 2.
 
     The ratio is location- and scale-free and ignores outliers (for a log-normal it is
     exp(1.28 sigma): > 2 means sigma > 0.54; symmetric variables give about 1). Values must be
-    positive (`low=None`, for log) or at least `low` (for log1p).
+    positive (`low=None`, for log) or non-negative (`low=0`, for log1p).
     """
-    if low is None and not (arr > 0).all() or low is not None and not (arr >= low).all():
+    if low is None and not values.positive or low is not None and not values.nonneg:
         return False
-    p10, p50, p90 = np.percentile(arr, [10, 50, 90])
+    p10, p50, p90 = values.quantile([0.1, 0.5, 0.9])
     return bool(p50 > p10 and (p90 - p50) / (p50 - p10) > 2)
 
 
 def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates: list[str] | None,
              min_count: int, max_visits: int, history_days: float) -> FeatureSpec:
-    """Derive a FeatureSpec from records (see `FeatureSpec.fit`).
+    """Derive a FeatureSpec from records (see `FeatureSpec.fit`), through their summary."""
+    if not records:
+        raise ValueError("cannot fit a feature spec to zero records; pass the training records")
+    return spec_from_summary(cls, summarize(records, covariates=covariates, history_days=history_days,
+                                            min_count=min_count), max_visits=max_visits)
+
+
+def spec_from_summary(cls: type[FeatureSpec], summary: DataSummary, *, max_visits: int = 16) -> FeatureSpec:
+    """A FeatureSpec from a data summary: one site's, or the merge of every site's.
 
     The spec is written into every model directory, so it must not describe individuals:
     centres and scales are rounded to two significant digits, a category level or a lab code
@@ -249,53 +259,34 @@ def fit_spec(cls: type[FeatureSpec], records: list[PatientRecord], *, covariates
     This coarsening limits what the spec reveals; it is NOT covered by the DP epsilon, which
     accounts for the model weights only.
     """
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    if max_visits < 1 or not history_days > 0:
-        raise ValueError(f"max_visits must be >= 1 and history_days > 0, got {max_visits} and {history_days}")
-    if not records:
-        raise ValueError("cannot fit a feature spec to zero records; pass the training records")
-    if covariates is None:
-        covariates = list(dict.fromkeys(k for r in records for k in r.baseline))
+    if max_visits < 1 or not summary.history_days > 0:
+        raise ValueError(f"max_visits must be >= 1 and history_days > 0, got {max_visits} and {summary.history_days}")
     numeric: list[tuple] = []
     binary: list[str] = []
     categorical: list[tuple[str, tuple[str, ...]]] = []
-    for name in dict.fromkeys(covariates):
-        values = [v for r in records if not _is_missing(v := r.baseline.get(name))]
-        if not values:
+    for col in summary.columns:
+        if not col.observed:
             continue
-        if all(isinstance(v, (int, float)) for v in values):
-            arr = np.asarray(values, dtype=np.float64)
-            if np.isin(arr, (0.0, 1.0)).all():
-                binary.append(name)
-            elif len(arr) >= min_count:
-                if _skewed(arr, low=0.0):  # counts and assay levels (nodes, receptors): log1p axis
-                    numeric.append((name, *_center_scale(np.log1p(arr)), True))
+        if col.numeric:
+            if col.binary:
+                binary.append(col.name)
+            elif col.values is not None:
+                if _skewed(col.values, low=0.0):  # counts and assay levels (nodes, receptors): log1p axis
+                    numeric.append((col.name, *_center_scale(col.values, math.log1p), True))
                 else:
-                    numeric.append((name, *_center_scale(arr)))
+                    numeric.append((col.name, *_center_scale(col.values)))
             continue
-        counts: dict[str, int] = {}
-        for v in values:
-            counts[str(v)] = counts.get(str(v), 0) + 1
-        levels = tuple(sorted(lvl for lvl, c in counts.items() if c >= min_count))
+        levels = tuple(sorted(lvl for lvl, c in col.levels.items() if c >= summary.min_count))
         if levels:
-            categorical.append((name, levels))
+            categorical.append((col.name, levels))
     # labs: the values the encoder will see (history within the window, up to the index)
-    by_code: dict[str, list[float]] = {}
-    carriers: dict[str, int] = {}
-    for r in records:
-        seen: set[str] = set()
-        for e in r.events:
-            if e.value is not None and -history_days <= e.time <= 0:
-                by_code.setdefault(e.code, []).append(e.value)
-                seen.add(e.code)
-        for code in seen:
-            carriers[code] = carriers.get(code, 0) + 1
     labs: list[tuple[str, str, float, float, bool]] = []
-    for code in sorted(c for c, n in carriers.items() if n >= min_count):
-        arr = np.asarray(by_code[code], dtype=np.float64)
+    for code in summary.codes:
+        if code.window_carriers < summary.min_count or code.window_values is None:
+            continue
         # strongly right-skewed positive values (CRP, triglycerides, viral loads) scale on the log axis
-        log = _skewed(arr, low=None)
-        labs.append((code, code, *_center_scale(np.log(np.maximum(arr, 1e-3)) if log else arr), log))
+        log = _skewed(code.window_values, low=None)
+        transform = (lambda v: math.log(max(v, 1e-3))) if log else None
+        labs.append((code.code, code.code, *_center_scale(code.window_values, transform), log))
     return cls(labs=tuple(labs), numeric=tuple(numeric), binary=tuple(binary), categorical=tuple(categorical),
-               max_visits=int(max_visits), history_days=float(history_days))
+               max_visits=int(max_visits), history_days=float(summary.history_days))

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .record import Arm, Event, PatientRecord
+from .summaries import DataSummary, NumericSummary, horizon as summary_horizon, level as _level, summarize
 
 TOKENIZER_VERSION = "1"
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -44,8 +45,8 @@ def _round_sig(x: float, digits: int = 2) -> float:
     return float(round(x, -int(math.floor(math.log10(abs(x)))) + digits - 1))
 
 
-def _edges(values: np.ndarray, bins: int) -> tuple[float, ...]:
-    qs = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+def _edges(values: NumericSummary, bins: int) -> tuple[float, ...]:
+    qs = values.quantile(np.linspace(0, 1, bins + 1)[1:-1])
     return tuple(sorted({_round_sig(float(q)) for q in qs}))
 
 
@@ -217,42 +218,38 @@ class EventTokenizer:
         """
         if not records:
             raise ValueError("no records to build a vocabulary from")
-        names = covariates if covariates is not None else sorted({k for r in records for k in r.baseline})
+        summary = summarize(records, covariates=covariates, history_days=history_days, min_count=min_count)
+        return cls.from_summary(summary, meta=meta, horizon_days=horizon_days, covariate_bins=covariate_bins,
+                                value_bins=value_bins, max_len=max_len, prompt_budget=prompt_budget)
+
+    @classmethod
+    def from_summary(cls, summary: DataSummary, *, meta: dict[str, str] | None = None,
+                     horizon_days: float | None = None, covariate_bins: int = 5, value_bins: int = 8,
+                     max_len: int = 512, prompt_budget: int | None = None) -> "EventTokenizer":
+        """The vocabulary from a data summary: one site's, or the merge of every site's (see `fit`)."""
+        min_count = summary.min_count
         numeric, categorical = [], []
-        for name in names:
-            vals = [r.baseline.get(name) for r in records]
-            vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
-            if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) \
-                    and not set(vals) <= {0, 1, 0.0, 1.0}:
-                arr = np.asarray(vals, dtype=float)
-                numeric.append((name, _edges(arr, covariate_bins) if len(arr) >= min_count else ()))
+        for col in summary.columns:
+            if col.observed and col.numeric and not col.binary:
+                numeric.append((col.name, _edges(col.values, covariate_bins) if col.values is not None else ()))
             else:
-                counts = Counter(_level(v) for v in vals)
-                categorical.append((name, tuple(sorted(lv for lv, n in counts.items() if n >= min_count))))
-        per_code: dict[str, list[float]] = {}
-        patients_with: Counter = Counter()
-        units: dict[str, Counter] = {}
-        for r in records:
-            seen = set()
-            for e in r.events:
-                seen.add(e.code)
-                if e.value is not None:
-                    per_code.setdefault(e.code, []).append(e.value)
-                units.setdefault(e.code, Counter())[e.unit or ""] += 1
-            patients_with.update(seen)
+                categorical.append((col.name, tuple(sorted(lv for lv, n in col.levels.items() if n >= min_count))))
         codes = []
-        for code in sorted(c for c, n in patients_with.items() if n >= min_count):
-            vals = np.asarray(per_code.get(code, []), dtype=float)
-            unit = units[code].most_common(1)[0][0]
-            if len(vals) >= min_count:
-                q = np.quantile(vals, [0.005, 0.25, 0.75, 0.995])
-                scale = _round_sig(float((q[2] - q[1]) / 1.349) or float(vals.std()) or 1.0)
-                codes.append(CodeSpec(code, unit, _edges(vals, value_bins), _round_sig(float(q[0])),
+        for c in summary.codes:
+            if c.carriers < min_count:
+                continue
+            unit = max(c.units, key=lambda u: (c.units[u], u == "")) if c.units else ""
+            v = c.values
+            if v is not None and v.n >= min_count:
+                q = v.quantile([0.005, 0.25, 0.75, 0.995])
+                scale = _round_sig(float((q[2] - q[1]) / 1.349) or v.std() or 1.0)
+                codes.append(CodeSpec(c.code, unit, _edges(v, value_bins), _round_sig(float(q[0])),
                                       _round_sig(float(q[3])), scale))
             else:
-                codes.append(CodeSpec(code, unit))
+                codes.append(CodeSpec(c.code, unit))
         if horizon_days is None:
-            horizon_days = default_horizon(records)
+            horizon_days = summary_horizon(summary, 0.75)
+        history_days = summary.history_days
         meta_spec = tuple((k, (str(meta[k]),)) for k in META_KEYS if meta and meta.get(k))
         spec = VocabSpec(numeric=tuple(numeric), categorical=tuple(categorical), codes=tuple(codes),
                          meta=meta_spec, horizon_days=float(horizon_days), history_days=history_days,
@@ -465,15 +462,8 @@ def _future_time(tok: EventTokenizer, blocks: list[list[int]]) -> float:
     return sum(tok.gap_days(tok.kind[b[0]][1]) for b in blocks)
 
 
-def _level(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
 def default_horizon(records: list[PatientRecord], quantile: float = 0.75) -> float:
     """Follow-up most patients reach: a quantile of observed times (default the 75th), rounded to 30 days."""
-    times = [r.outcomes.time_to_event for r in records if r.outcomes.time_to_event is not None]
-    future = [max((e.time for e in r.events), default=0.0) for r in records]
-    base = np.quantile(times, quantile) if times else (max(future) if future else 365.0)
-    return float(max(30.0, round(base / 30.0) * 30.0))
+    if not records:
+        return 365.0
+    return summary_horizon(summarize(records, covariates=[], min_count=1), quantile)
