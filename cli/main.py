@@ -10,12 +10,14 @@ import typer
 from rich.console import Console
 
 from .data import data_app
+from .pki import pki_app
 from .site import site_app
 from .twins import twins_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="EvoClone: federated, differentially private patient digital twins.")
 app.add_typer(data_app, name="data")
+app.add_typer(pki_app, name="pki")
 app.add_typer(site_app, name="site")
 app.add_typer(twins_app, name="twins")
 err = Console(stderr=True)
