@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from evoclone.coordinator.superlink import SuperLink
-from evoclone.federated.artifacts import load_predictor, sha256_file
-from evoclone.federated.features import FeatureSpec
+from evoclone.coordinator.superlink import SuperLink, fab_hash
+from evoclone.federated.artifacts import load_component, sha256_file
+from evoclone.federated.features import FeatureSpec, encode_cohort
 from evoclone.federated.flower.runtime import ProcessGroup, free_port, require_free
 from evoclone.federated.metrics import c_index, kaplan_meier, risk_groups
 from evoclone.federated.models.fusion import FusionConfig, survival_curve
@@ -26,6 +26,7 @@ from evoclone.federated.simulator import simulate_cohort, write_cohort
 from evoclone.federated.snapshot import read_snapshot
 from evoclone.federated.training import (TrainConfig, build_model, concat, predict_logits, predict_risk,
                                          subset, train_with_validation)
+from evoclone.site_node.approvals import ApprovalStore
 from evoclone.site_node.pipeline import export_snapshot, ingest_extract
 from evoclone.site_node.settings import init_site
 from evoclone.site_node.supernode import start_supernode, supernode_healthy
@@ -113,8 +114,9 @@ def _ports(opts: DemoOptions) -> list[int]:
 
 def run_config(opts: DemoOptions, coordinator_dir: Path) -> dict:
     """The Flower run config for this demo (every other tunable keeps the app's default)."""
-    return {"num-server-rounds": opts.rounds, "target-epsilon": float(opts.epsilon), "seed": opts.seed,
-            "local-epochs": opts.local_epochs, "min-nodes": opts.sites, "out-dir": str(coordinator_dir.resolve())}
+    return {"num-server-rounds": opts.rounds, "target-epsilon": float(opts.epsilon), "delta": float(opts.delta),
+            "seed": opts.seed, "local-epochs": opts.local_epochs, "min-nodes": opts.sites,
+            "expected-nodes": opts.sites, "out-dir": str(coordinator_dir.resolve())}
 
 
 def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
@@ -148,6 +150,10 @@ def run_demo(opts: DemoOptions, *, console: Console) -> dict:
                 counts = ingest_extract(site_dir=site_dir, patients_csv=out / "input" / name / "patients.csv",
                                         events_csv=out / "input" / name / "events.csv")
                 export_snapshot(site_dir=site_dir)
+                # the demo operates every site: each approves the demo's app bundle by its hash
+                approvals = ApprovalStore(url=settings.db_url)
+                approvals.approve(fab_hash(), admin="evoclone demo", note="the demo's own training app")
+                approvals.close()
                 site_settings.append(settings)
                 patients[name] = counts["patients"]
                 progress.advance(task)
@@ -204,13 +210,18 @@ def evaluate(opts: DemoOptions, coordinator_dir: Path, site_settings, patients: 
     Only the demo can pool data this way (it simulated every hospital): in production the
     baselines do not exist and evaluation stays federated.
     """
+    from evoclone.federated.predictor import FusionEnsemble
+
     rounds_doc = json.loads((coordinator_dir / "rounds.json").read_text())
-    final_dir = coordinator_dir / "models" / f"round-{opts.rounds}"
-    model, manifest = load_predictor(final_dir)
-    cfg = FusionConfig(**manifest["config"])
-    snaps = {s.name: read_snapshot(s.snapshot_path, spec=FeatureSpec())[0] for s in site_settings}
+    final_dir = coordinator_dir / "model"
+    tensors, manifest, vocab = load_component(final_dir, "predictor")
+    ensemble = FusionEnsemble.from_state(manifest["config"], tensors)
+    cfg, spec = ensemble.cfg, FeatureSpec.from_dict(vocab)
+    # every model is compared on the federated study's feature spec
+    snaps = {s.name: encode_cohort(read_snapshot(s.snapshot_path)[0], spec) for s in site_settings}
     test = subset(concat([subset(a, "test") for a in snaps.values()]))
-    fed_risk = predict_risk(model, test)
+    fed_risk = ensemble.predict(test)["risk"]
+    model = ensemble.models[0]
     progress.advance(task)
     base_cfg = TrainConfig(epochs=opts.baseline_epochs, batch_size=32, lr=3e-3, seed=opts.seed)
     central = build_model(cfg, seed=opts.seed)
@@ -229,7 +240,7 @@ def evaluate(opts: DemoOptions, coordinator_dir: Path, site_settings, patients: 
                    "epsilon_spent": round(float(spent.get(s.name, {}).get("epsilon_spent", 0.0)), 4),
                    "delta": s.delta} for s in site_settings],
         "rounds": [{"round": r["round"], "train_loss": round(r["train_loss"], 4),
-                    "val_c_index": round(r["val_c_index"], 4)} for r in rounds_doc["rounds"]],
+                    "val_c_index": round(r["val_metric"], 4)} for r in rounds_doc["rounds"]],
         "evaluation": {"metric": "c_index", "federated_dp": round(c_index(test["time"], test["event"], fed_risk), 4),
                        "centralized": round(c_index(test["time"], test["event"], predict_risk(central, test)), 4),
                        "local_only": local, "test_patients": int(len(test["time"]))},

@@ -135,9 +135,9 @@ def stats(site_dir: SiteDir, as_json: AsJson = False) -> None:
 
 @site_app.command("export-snapshot")
 def export_snapshot_cmd(site_dir: SiteDir, out: Annotated[Path | None, typer.Option(help="snapshot file")] = None) -> None:
-    """Write the anonymized, encoded training snapshot the ClientApp reads.
+    """Write the anonymized training snapshot (canonical records) the ClientApp reads.
 
-    Example: evoclone site export-snapshot --site-dir /srv/evoclone/site --out snapshot.safetensors
+    Example: evoclone site export-snapshot --site-dir /srv/evoclone/site --out snapshot.jsonl.gz
     """
     from evoclone.site_node.pipeline import export_snapshot
 

@@ -255,12 +255,7 @@ def evaluate(model_dir: Path, real: Path, events: Path | None, *, seed: int,
 
 # -- fusion outcome predictor -----------------------------------------------------------------
 
-RISK_DEFINITIONS = {
-    "time_to_event": "probability of the event by the horizon ({h:g} days)",
-    "binary": "probability of the binary endpoint",
-    "continuous": "predicted value of the continuous endpoint",
-}
-METRICS = {"time_to_event": "c_index", "binary": "auroc", "continuous": "r2"}
+from evoclone.federated.predictor import METRICS, RISK_DEFINITIONS  # noqa: E402 (re-exported for callers)
 
 
 def _metric(endpoint: str, arrays: dict[str, np.ndarray], risk: np.ndarray) -> float:

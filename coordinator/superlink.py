@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -22,6 +23,29 @@ def app_dir() -> Path:
     return Path(str(files("evoclone.federated.flower") / "app"))
 
 
+def fab_hash(app: Path | None = None) -> str:
+    """sha256 of the Flower App bundle `flwr run` builds from the app folder (what sites approve)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app or app_dir())).hexdigest()
+
+
+@dataclass(frozen=True)
+class LinkSecurity:
+    """The SuperLink's TLS certificate, key and the study CA (None on a SuperLink: --insecure)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def check(self) -> None:
+        """Clear errors for missing files before a process is started."""
+        for what, p in (("CA certificate", self.ca_cert), ("SuperLink certificate", self.cert),
+                        ("SuperLink private key", self.key)):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{what} {p} does not exist; create it with `evoclone pki`")
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """How a submitted run ended, per the SuperLink."""
@@ -36,62 +60,117 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
+class SuperLinkDied(RuntimeError):
+    """The SuperLink process exited while a run was going on."""
+
+
 class SuperLink:
     """One SuperLink process with persistent state under `flower_dir`."""
 
-    def __init__(self, *, flower_dir: Path, port: int, group: ProcessGroup, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, flower_dir: Path, port: int, group: ProcessGroup, host: str = "127.0.0.1",
+                 security: LinkSecurity | None = None, simulation: bool = False) -> None:
         self.flower_dir = flower_dir.absolute()
         self.host, self.port = host, port
         self.group = group
+        self.security = security
+        self.simulation = simulation
         self.name = "superlink"
+        self.submissions = 0
 
     @property
     def address(self) -> str:
         """host:port for SuperNodes and the CLI."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def health_url(self) -> str:
+        return f"{'https' if self.security else 'http'}://{self.address}/health"
+
+    def healthy(self) -> bool:
+        """Whether the SuperLink answers /health (over TLS, verified against the CA, when secure)."""
+        return http_ok(self.health_url, cafile=self.security.ca_cert if self.security else None)
+
     def start(self, *, timeout: float = 60) -> float:
-        """Start insecure on loopback (TLS comes with enrolment) and wait for /health."""
+        """Start (TLS and SuperNode authentication unless insecure) and wait for /health.
+
+        State persists in `superlink-state.db`, so a restarted SuperLink keeps its runs and
+        registered SuperNodes.
+        """
         self.flower_dir.mkdir(parents=True, exist_ok=True)
-        cmd = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+        cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
                "--database", str(self.flower_dir / "superlink-state.db"),
                "--host", self.host, "--port", str(self.port)]
+        if self.simulation:  # Flower's simulation runtime: virtual SuperNodes inside the SuperLink's host
+            cmd.append("--simulation")
+        if self.security is None:
+            cmd.append("--insecure")
+        else:
+            self.security.check()
+            cmd += ["--ssl-ca-certfile", str(Path(self.security.ca_cert).resolve()),
+                    "--ssl-certfile", str(Path(self.security.cert).resolve()),
+                    "--ssl-keyfile", str(Path(self.security.key).resolve()), "--enable-supernode-auth"]
         self.group.start(self.name, cmd, env=flower_env(self.flower_dir / "superlink-home"), cwd=self.flower_dir)
-        return self.group.wait_for(lambda: http_ok(f"http://{self.address}/health"), "the SuperLink to answer /health",
-                                   timeout=timeout, watch=(self.name,))
+        return self.group.wait_for(self.healthy, "the SuperLink to answer /health", timeout=timeout,
+                                   watch=(self.name,))
+
+    def register_node(self, public_key: Path, *, name: str) -> None:
+        """Register a SuperNode's public key (SuperNode authentication); idempotent."""
+        r = self._flwr("supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--name", name,
+                       "--format", "json")
+        if r.returncode != 0 and "already" not in (r.stdout + r.stderr).lower():
+            raise RuntimeError(f"registering {name}'s SuperNode key failed: {(r.stdout + r.stderr).strip()[-300:]}")
+
+    def stop_run(self, run_id: str) -> None:
+        """Ask the SuperLink to stop a run."""
+        self._flwr("stop", run_id, CONNECTION)
 
     def _cli_env(self) -> dict[str, str]:
         home = self.flower_dir / "cli-home"
         env = flower_env(home)
-        (home / "config.toml").write_text(tomli_w.dumps(
-            {"superlink": {"default": CONNECTION, CONNECTION: {"address": self.address, "insecure": True}}}))
+        conn = {"address": self.address, "insecure": True} if self.security is None else \
+            {"address": self.address, "root-certificates": str(Path(self.security.ca_cert).resolve())}
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
         return env
 
     def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self._cli_env(), capture_output=True, text=True,
                               timeout=timeout, cwd=self.flower_dir, start_new_session=True)
 
-    def submit(self, *, run_config: dict, timeout: float, on_poll: Callable[[], None] | None = None) -> RunOutcome:
+    def submit(self, *, run_config: dict, timeout: float, on_poll: Callable[[], None] | None = None,
+               federation_config: dict | None = None) -> RunOutcome:
         """Run the app to the end (`flwr run --stream`) and return the SuperLink's verdict.
 
         `flwr run --stream` exits 0 even when the ServerApp fails, so the status is read back.
+        Raises SuperLinkDied when the SuperLink process exits meanwhile (the caller may
+        restart it and resubmit: runs resume from their checkpoint).
         """
         cfg_path = self.flower_dir / "run-config.toml"
         cfg_path.write_text(tomli_w.dumps(run_config))
         cmd = ["flwr", "run", str(app_dir()), CONNECTION, "--stream", "--run-config", str(cfg_path)]
-        self.group.start("flwr-run", cmd, env=self._cli_env(), cwd=self.flower_dir)
+        if federation_config:
+            cmd += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
+        self.submissions += 1
+        name = f"flwr-run-{self.submissions}"
+        self.group.start(name, cmd, env=self._cli_env(), cwd=self.flower_dir)
+
         def finished() -> bool:
             if on_poll is not None:
                 on_poll()
-            return self.group.procs["flwr-run"].poll() is not None
+            return self.group.procs[name].poll() is not None
 
-        self.group.wait_for(finished, "the federated run to finish", timeout=timeout,
-                            watch=tuple(n for n in self.group.procs if n != "flwr-run"))
-        log = (self.group.log_dir / "flwr-run.log").read_text(errors="replace")
-        m = re.search(r"Successfully started run (\d+)", log)
+        try:
+            self.group.wait_for(finished, "the federated run to finish", timeout=timeout, watch=(self.name,))
+        except RuntimeError as exc:
+            if self.group.procs[self.name].poll() is not None:
+                raise SuperLinkDied(str(exc)) from None
+            raise
+        if self.group.procs[self.name].poll() is not None:
+            raise SuperLinkDied(f"the SuperLink exited during the run: {self.group.log_tail(self.name)}")
+        log = (self.group.log_dir / f"{name}.log").read_text(errors="replace")
+        m = re.findall(r"Successfully started run (\d+)", log)
         if not m:
-            raise RuntimeError(f"flwr run did not start a run: {self.group.log_tail('flwr-run')}")
-        run_id = m.group(1)
+            raise RuntimeError(f"flwr run did not start a run: {self.group.log_tail(name)}")
+        run_id = m[-1]
         ls = self._flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
         try:
             run = json.loads(ls.stdout)["runs"][0]

@@ -33,6 +33,12 @@ IG_STEPS = 64
 # time-to-event horizon: the 90th percentile of training follow-up, so the hazard bins use
 # most of the observed follow-up (risk is then P(event by that horizon))
 PREDICTOR_HORIZON_QUANTILE = 0.9
+RISK_DEFINITIONS = {
+    "time_to_event": "probability of the event by the horizon ({h:g} days)",
+    "binary": "probability of the binary endpoint",
+    "continuous": "predicted value of the continuous endpoint",
+}
+METRICS = {"time_to_event": "c_index", "binary": "auroc", "continuous": "r2"}
 _Z95 = 1.959964
 
 

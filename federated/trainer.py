@@ -30,6 +30,10 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     seed: int = 0
+    # FedProx: after every step, a proximal step pulls the weights toward the ones training
+    # started from (the global model): w -= lr * mu * (w - w_start). It uses no data, so with
+    # DP it is post-processing of the private step and costs no privacy.
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ def _loop(model, loader, opt, cfg: TrainConfig, loss_fn: LossFn, on_step, *, pri
     total_steps = cfg.epochs * len(loader)
     device = _device(model)
     done, total, count = 0, 0.0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     for _ in range(cfg.epochs):
         for batch in loader:
             opt.zero_grad()
@@ -193,6 +199,10 @@ def _loop(model, loader, opt, cfg: TrainConfig, loss_fn: LossFn, on_step, *, pri
                 opt.step()
                 total += loss.item() * b
                 count += b
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, a in zip(params, anchor):
+                        p.add_(p - a, alpha=-cfg.lr * cfg.proximal_mu)
             done += 1
             if on_step is not None:
                 on_step(done, total_steps)

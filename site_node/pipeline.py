@@ -6,7 +6,6 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from evoclone.federated.features import FeatureSpec, encode_cohort
 from evoclone.federated.snapshot import write_snapshot
 from evoclone.privacy.pseudonym import Pseudonymizer
 
@@ -104,10 +103,9 @@ def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
         store.close()
 
 
-def export_snapshot(*, site_dir: Path, out: Path | None = None, spec: FeatureSpec | None = None) -> Path:
-    """Encode every stored record into the training snapshot the ClientApp reads."""
+def export_snapshot(*, site_dir: Path, out: Path | None = None) -> Path:
+    """Write every stored (anonymized) record into the training snapshot the ClientApp reads."""
     settings = get_settings(site_dir)
-    spec = spec or FeatureSpec()
     store = open_store(settings)
     try:
         records = store.records()
@@ -116,5 +114,5 @@ def export_snapshot(*, site_dir: Path, out: Path | None = None, spec: FeatureSpe
     if not records:
         raise ValueError(f"site {settings.name} has no patients; ingest an extract first")
     path = out or settings.snapshot_path
-    write_snapshot(path, encode_cohort(records, spec), spec=spec, site=settings.name)
+    write_snapshot(path, records, site=settings.name)
     return path

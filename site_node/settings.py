@@ -45,7 +45,7 @@ class SiteSettings(BaseSettings):
     @property
     def snapshot_path(self) -> Path:
         """Where the training snapshot is exported for the ClientApp."""
-        return self.site_dir / "snapshot.safetensors"
+        return self.site_dir / "snapshot.jsonl.gz"
 
 
 def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: float = 1e-5) -> SiteSettings:

@@ -1,149 +1,220 @@
-"""Flower ClientApp: a site trains the fusion predictor on its own snapshot with DP-SGD.
+"""Flower ClientApp: a site summarizes, trains (DP-SGD) and validates on its own snapshot.
 
-The site's snapshot, ledger and budget come from the SuperNode's node config; every
-training tunable comes from the run config. Only weights and aggregate metrics are
-returned. Before training, the round's privacy cost is checked against the site's
-ledger; a round that does not fit is refused with a typed reply.
+The site's snapshot, ledger and budget come from the node config (a SuperNode's
+`--node-config` file, or the simulation index for `--engine simulation`); every training
+tunable comes from the run config. Replies carry weights and aggregate metrics only.
+
+Privacy: before a round, its cost is checked against the site's ledger; a round that does
+not fit is refused with a typed reply. A round's update is kept at the site (already
+privatized: resending it is post-processing) and charged once per (run key, round), so a
+round repeated after a coordinator restart returns the same update without touching data
+or charging twice.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..features import FeatureSpec
-from ..metrics import c_index
-from ..snapshot import read_snapshot
-from ..training import TrainConfig, mean_loss, predict_risk, steps_per_epoch, subset
-from .common import STATUS_OK, STATUS_REFUSED, dp_settings, model_config, new_model, train_config
+from .common import STATUS_OK, STATUS_REFUSED, node_settings, run_key
 
 app = ClientApp()
 
 
-def _node(context: Context) -> dict:
-    nc = context.node_config
-    missing = [k for k in ("site-name", "snapshot", "ledger", "epsilon-budget", "delta") if k not in nc]
-    if missing:
-        raise ValueError(f"SuperNode started without node config {missing}; see `evoclone site` docs")
-    return {"site": str(nc["site-name"]), "snapshot": Path(str(nc["snapshot"])), "ledger": str(nc["ledger"]),
-            "budget": float(nc["epsilon-budget"]), "delta": float(nc["delta"])}
+def _records(node: dict):
+    from ..snapshot import read_snapshot
+
+    return read_snapshot(node["snapshot"])[0]
 
 
-def _open_ledger(url: str):
-    """The site's ledger store (SQL, in the site's own database)."""
-    from ..stores.ledger import SqlLedgerStore
+def _reply_site(node: dict, status: str, reason: str = "") -> ConfigRecord:
+    rec = ConfigRecord({"site": node["site"], "status": status})
+    if reason:
+        rec["reason"] = reason
+    return rec
 
-    return SqlLedgerStore(url=url)
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's coarsened data summary (aggregate statistics only) for fitting the study's vocabulary."""
+    from ..summaries import summarize
+
+    torch.set_num_threads(1)
+    node = node_settings(context)
+    cfg = msg.content["config"]
+    covariates = json.loads(str(cfg["covariates"])) or None
+    records = _records(node)
+    summary = summarize(records, covariates=covariates, history_days=float(cfg["history-days"]),
+                        min_count=int(cfg["min-count"]), coarse=True)
+    names = sorted({k for r in records for k in r.baseline})
+    content = RecordDict({
+        "summary": ConfigRecord({"json": json.dumps(summary.to_dict()), "covariates": json.dumps(names)}),
+        "metrics": MetricRecord({"num-examples": len(records)}),
+        "site": _reply_site(node, STATUS_OK),
+    })
+    return Message(content=content, reply_to=msg)
 
 
-def _load_model(msg: Message, context: Context):
-    model = new_model(context.run_config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model
+class _Cache:
+    """The site's kept round updates: <state-dir>/flower-updates/<run key>.<round>.*"""
+
+    def __init__(self, state_dir: Path, key: str, server_round: int) -> None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+        self.dir = state_dir / "flower-updates"
+        self.weights = self.dir / f"{safe}.{server_round}.safetensors"
+        self.meta = self.dir / f"{safe}.{server_round}.json"
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        from safetensors.torch import load_file
+
+        if not (self.weights.is_file() and self.meta.is_file()):
+            return None
+        return load_file(str(self.weights)), json.loads(self.meta.read_text())
+
+    def save(self, state: dict[str, torch.Tensor], meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(self.weights) + ".tmp")
+        os.replace(str(self.weights) + ".tmp", self.weights)
+        self.meta.write_text(json.dumps(meta))
+
+    def drop(self) -> None:
+        for p in (self.weights, self.meta):
+            p.unlink(missing_ok=True)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local DP-SGD, charged to the site's privacy ledger."""
-    torch.set_num_threads(1)  # several SuperNodes share the host's cores
-    node = _node(context)
-    rc = context.run_config
-    arrays, _ = read_snapshot(node["snapshot"], spec=FeatureSpec())
-    data = subset(arrays, "train", model_config(rc).endpoint)
-    tcfg: TrainConfig = train_config(rc, seed_offset=int(msg.content["config"]["server-round"]))
-    n = len(data["static"])
-    per_epoch = steps_per_epoch(n, tcfg.batch_size)
-    q, steps = 1.0 / per_epoch, tcfg.epochs * per_epoch
-    store = _open_ledger(node["ledger"])
-    reply_site = ConfigRecord({"site": node["site"]})
+    """One round of local DP-SGD, charged to the site's privacy ledger once."""
+    from ..stores.ledger import SqlLedgerStore
+
+    torch.set_num_threads(int(context.run_config.get("threads-per-node", 1)))
+    node = node_settings(context)
+    store = SqlLedgerStore(url=node["ledger"])
     try:
-        return _train_round(msg, context, node, store, reply_site, tcfg=tcfg, data=data, arrays=arrays, n=n, q=q,
-                            steps=steps)
+        return _train(msg, context, node, store)
     finally:
         store.close()
 
 
-def _train_round(msg: Message, context: Context, node: dict, store, reply_site: ConfigRecord, *, tcfg, data, arrays,
-                 n: int, q: float, steps: int) -> Message:
-    # Opacus is imported only where it is used: evaluate messages start faster without it
+def _train(msg: Message, context: Context, node: dict, store) -> Message:
+    # Opacus and the models are imported only where used: query/evaluate start faster
     from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
 
     from ..stores.ledger import LedgerMismatchError
-    from ..training import TrainResult, train
+    from ..trainer import steps_per_epoch
+    from .tasks import dp_settings, task_for, train_config
 
     rc = context.run_config
+    cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    key = run_key(context)
     try:
         ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
     except LedgerMismatchError as exc:  # report what the stored ledger says, not the request
-        return _refusal(msg, reply_site, store.stored(), str(exc))
-    run_key = str(context.run_id)
-    server_round = int(msg.content["config"]["server-round"])
-    sigma = store.plan(run_id=run_key)
+        return _refusal(msg, node, store.stored(), str(exc))
+    cache = _Cache(node["state_dir"], key, server_round)
+    kept = cache.load()
+    if kept is not None:  # this round was trained before (coordinator restarted): same update, one charge
+        state, meta = kept
+        try:
+            meta["metrics"]["epsilon"] = store.charge(LedgerEntry(run_id=key, round=server_round, **meta["charge"]))
+        except ValueError as exc:
+            cache.drop()
+            return _refusal(msg, node, ledger, str(exc))
+        return _reply(msg, node, state, meta["metrics"], ledger)
+
+    task = task_for(rc)
+    vocab = json.loads(str(cfg["vocabulary"]))
+    data = task.encode(_records(node), vocab)
+    n = task.examples(data)
+    tcfg = train_config(rc, seed_offset=server_round, proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+    if n < tcfg.batch_size:
+        return _refusal(msg, node, ledger, f"only {n} training examples, fewer than the batch size {tcfg.batch_size}")
+    per_round = task.steps(n, tcfg)
+    q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
+    sigma = store.plan(run_id=key)
     if sigma is None:
-        rounds = int(rc["num-server-rounds"])
+        rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
         target = min(node["budget"], ledger.spent() + float(rc["target-epsilon"]))
         try:
             planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
-                                      sample_rate=q, steps=steps * rounds, accountant=ledger.accountant)
+                                      sample_rate=q, steps=per_round * rounds, accountant=ledger.accountant)
         except ValueError as exc:
-            return _refusal(msg, reply_site, ledger, str(exc))
-        sigma = store.set_plan(run_id=run_key, noise_multiplier=planned)
-    if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=steps):
-        return _refusal(msg, reply_site, ledger, "round does not fit the remaining privacy budget")
-    model = _load_model(msg, context)
-    # validating the incoming global model here spares a separate evaluate message (and
-    # a ClientApp process start) in every round but the last
-    validation = _validation(model, arrays, model_config(rc).endpoint)
-    result: TrainResult = train(model, data, tcfg, dp=dp_settings(rc, noise_multiplier=sigma))
+            return _refusal(msg, node, ledger, str(exc))
+        sigma = store.set_plan(run_id=key, noise_multiplier=planned)
+    if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=per_round):
+        return _refusal(msg, node, ledger, "round does not fit the remaining privacy budget")
+    incoming = msg.content["arrays"].to_torch_state_dict()
+    # validating the incoming global model here spares a separate evaluate message (and a
+    # ClientApp start) in every round but the last
+    validation = task.validate(vocab, incoming, data)
+    state, results = task.train(vocab, incoming, data, tcfg, dp_settings(rc, noise_multiplier=sigma))
+    steps = sum(r.steps for r in results)
+    loss = float(sum(r.loss for r in results) / len(results))
+    metrics = {"num-examples": n, "train_loss": loss, "noise-multiplier": sigma, "steps": steps, **validation}
+    charge = {"noise_multiplier": sigma, "sample_rate": results[0].sample_rate, "steps": steps}
+    cache.save(state, {"metrics": metrics, "charge": charge})
     try:  # one transaction: checked against the stored charges, written once per (run, round)
-        spent = store.charge(LedgerEntry(run_id=run_key, round=server_round, noise_multiplier=sigma,
-                                         sample_rate=result.sample_rate, steps=result.steps))
+        metrics["epsilon"] = store.charge(LedgerEntry(run_id=key, round=server_round, **charge))
     except ValueError as exc:
-        return _refusal(msg, reply_site, store.open(epsilon_budget=node["budget"], delta=node["delta"],
-                                                    accountant=ledger.accountant), str(exc))
-    reply_site["status"] = STATUS_OK
+        cache.drop()
+        return _refusal(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
+                                              accountant=ledger.accountant), str(exc))
+    return _reply(msg, node, state, metrics, ledger)
+
+
+def _reply(msg: Message, node: dict, state: dict[str, torch.Tensor], metrics: dict, ledger) -> Message:
     content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": n, "train_loss": result.loss, "epsilon": spent,
-                                 "noise-multiplier": sigma, "steps": result.steps, **validation}),
-        "site": reply_site,
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
+        "site": _reply_site(node, STATUS_OK),
         "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
     })
     return Message(content=content, reply_to=msg)
 
 
-def _refusal(msg: Message, site: ConfigRecord, ledger, reason: str) -> Message:
-    site["status"] = STATUS_REFUSED
-    site["reason"] = reason
+def _refusal(msg: Message, node: dict, ledger, reason: str) -> Message:
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": 0, "epsilon": ledger.spent()}),
-        "site": site,
+        "site": _reply_site(node, STATUS_REFUSED, reason),
         "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
     })
     return Message(content=content, reply_to=msg)
-
-
-def _validation(model, arrays, endpoint: str) -> dict[str, float]:
-    """Validation metrics of a model on the site's validation split (always the same keys)."""
-    data = subset(arrays, "val", endpoint)
-    n = len(data["static"])
-    c = c_index(data["time"], data["event"], predict_risk(model, data)) if n else float("nan")
-    defined = c == c  # a split without events gives no C-index
-    return {"val-examples": n, "val-loss": mean_loss(model, data) if n else 0.0,
-            "val-c-index": c if defined else 0.0, "val-c-weight": n if defined else 0}
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation metrics of the global model on the site's own validation split."""
-    torch.set_num_threads(1)
-    node = _node(context)
-    arrays, _ = read_snapshot(node["snapshot"], spec=FeatureSpec())
-    model = _load_model(msg, context)
-    metrics = {"num-examples": 0, **_validation(model, arrays, model_config(context.run_config).endpoint)}
+    """Validation metrics of the global model on the site's own validation split.
+
+    For continuous endpoints it also returns a coarse summary of the validation
+    predictions and the squared-error sum, from which the coordinator derives the risk
+    category tertiles and the residual spread (aggregates only).
+    """
+    from ..summaries import NumericSummary
+    from .tasks import task_for
+
+    torch.set_num_threads(int(context.run_config.get("threads-per-node", 1)))
+    node = node_settings(context)
+    rc = context.run_config
+    task = task_for(rc)
+    vocab = json.loads(str(msg.content["config"]["vocabulary"]))
+    data = task.encode(_records(node), vocab)
+    state = msg.content["arrays"].to_torch_state_dict()
+    metrics = task.validate(vocab, state, data)
     metrics["num-examples"] = metrics["val-examples"]
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": node["site"]})})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": _reply_site(node, STATUS_OK)})
+    min_count = int(msg.content["config"].get("min-count", 10))
+    if task.name == "fusion" and task.endpoint == "continuous" and metrics["val-examples"] >= min_count:
+        val = data["val"]
+        pred = task._ensemble(vocab, state).predict(val)["risk"]
+        content["predictions"] = ConfigRecord({
+            "json": json.dumps(NumericSummary.of(pred).coarse().to_dict()),
+            "sse": float(((val["continuous"] - pred) ** 2).sum())})
     return Message(content=content, reply_to=msg)

@@ -1,38 +1,43 @@
-"""What the ServerApp and ClientApp share: reading tunables from the run config."""
+"""What the ServerApp and ClientApp share: reply statuses, the run key, the site's node settings."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import tomllib
+from pathlib import Path
 
-from ..features import FeatureSpec
-from ..models.fusion import FusionConfig, FusionPredictor
-from ..training import DPSettings, TrainConfig, build_model
+from flwr.app import Context
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
+NODE_KEYS = ("site-name", "snapshot", "ledger", "epsilon-budget", "delta")
 
 
-def model_config(rc: Mapping) -> FusionConfig:
-    """The predictor's architecture from the run config; input widths from the feature spec."""
-    spec = FeatureSpec()
-    return FusionConfig(static_dim=spec.static_dim, visit_dim=spec.visit_dim, max_visits=spec.max_visits,
-                        d_model=int(rc["d-model"]), n_heads=int(rc["n-heads"]), n_layers=int(rc["n-layers"]),
-                        endpoint=str(rc["endpoint"]), time_bins=int(rc["time-bins"]),
-                        horizon_days=float(rc["horizon-days"]))
+def run_key(context: Context) -> str:
+    """The study run's stable key: the run config's `run-key`, else Flower's run id.
+
+    `evoclone train` sets it so a run resubmitted after a SuperLink restart keeps its
+    privacy plan, its charges and its kept updates.
+    """
+    return str(context.run_config.get("run-key", "")) or str(context.run_id)
 
 
-def new_model(rc: Mapping) -> FusionPredictor:
-    """A predictor initialised from the run's seed (identical on every node)."""
-    return build_model(model_config(rc), seed=int(rc["seed"]))
-
-
-def train_config(rc: Mapping, *, seed_offset: int = 0) -> TrainConfig:
-    """Local optimisation settings for one round."""
-    return TrainConfig(epochs=int(rc["local-epochs"]), batch_size=int(rc["batch-size"]),
-                       lr=float(rc["learning-rate"]), seed=int(rc["seed"]) + seed_offset)
-
-
-def dp_settings(rc: Mapping, *, noise_multiplier: float) -> DPSettings:
-    """DP-SGD settings: clipping and per-sample gradient mode from the run config, noise from the ledger."""
-    return DPSettings(noise_multiplier=noise_multiplier, max_grad_norm=float(rc["max-grad-norm"]),
-                      grad_sample_mode=str(rc["grad-sample-mode"]))
+def node_settings(context: Context) -> dict:
+    """The site's settings: the SuperNode's node config, or in simulation the index entry of its partition."""
+    nc = dict(context.node_config)
+    if "site-name" not in nc and "partition-id" in nc:
+        index = str(context.run_config.get("simulation-index", ""))
+        if not index:
+            raise ValueError("simulated node without a site: the run config needs simulation-index")
+        sites = json.loads(Path(index).read_text())["sites"]
+        pid = int(nc["partition-id"])
+        if pid >= len(sites):
+            raise ValueError(f"simulated partition {pid} has no site in {index} ({len(sites)} sites)")
+        nc = tomllib.loads(Path(sites[pid]).read_text())
+    missing = [k for k in NODE_KEYS if k not in nc]
+    if missing:
+        raise ValueError(f"SuperNode started without node config {missing}; start it with `evoclone site node`")
+    snapshot = Path(str(nc["snapshot"]))
+    return {"site": str(nc["site-name"]), "snapshot": snapshot, "ledger": str(nc["ledger"]),
+            "budget": float(nc["epsilon-budget"]), "delta": float(nc["delta"]),
+            "state_dir": Path(str(nc.get("state-dir", snapshot.parent)))}

@@ -63,10 +63,13 @@ def require_free(ports: list[int], host: str = "127.0.0.1") -> None:
                                  f"choose another with --port or stop that program")
 
 
-def http_ok(url: str) -> bool:
-    """True when GET `url` answers 200."""
+def http_ok(url: str, *, cafile: Path | str | None = None) -> bool:
+    """True when GET `url` answers 200 (https verified against `cafile` when given)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 (loopback health checks)
+        with urllib.request.urlopen(url, timeout=1, context=ctx) as r:  # noqa: S310 (loopback health checks)
             return r.status == 200
     except OSError:
         return False

@@ -1,30 +1,41 @@
-"""Flower ServerApp: FedAvg over the sites' DP updates, one model directory per round.
+"""Flower ServerApp: one federated study run, resumable, for either model.
 
-It writes under the run config's `out-dir` (the coordinator's directory): each round's
-aggregated model with its manifest and `rounds.json` with per-round metrics and per-site
-privacy spend. Nothing patient-level ever arrives here: replies carry weights and
-aggregate metrics only.
+1. Ask every site for its coarsened data summary and fit the study's vocabulary (feature
+   spec or tokenizer) from their merge; refuse mismatched covariates before any training.
+2. Rounds of FedAvg, FedProx or FedAdam (Flower's strategies aggregate): every connected
+   site trains; refusals (privacy budget) and failures are recorded, the round goes on
+   with the others when at least `min-nodes` trained; early stopping on the federated
+   validation loss.
+3. A checkpoint after every round (`checkpoint.json` + weights) lets a resubmitted run
+   with the same `run-key` continue from the last completed round after a SuperLink
+   restart; `rounds.json` holds per-round metrics, participation and privacy spend.
+4. The best round (lowest federated validation loss) becomes the model directory
+   `<out-dir>/model`, with its lineage in the manifest.
+
+Nothing patient-level arrives here: replies carry weights and aggregate metrics only.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from ..artifacts import save_predictor, update_component
-from ..features import FeatureSpec
-from .common import STATUS_OK, model_config, new_model
+from .common import STATUS_OK, run_key
 
 app = ServerApp()
+CHECKPOINT = "checkpoint.json"
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on (bad input across sites, too few sites); the message says why."""
 
 
 def weighted_mean(pairs: Iterable[tuple[float, float]]) -> float:
@@ -34,125 +45,290 @@ def weighted_mean(pairs: Iterable[tuple[float, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg that skips refusals, keeps per-site privacy spend and persists every round."""
+def make_strategy(rc, min_nodes: int):
+    """FedAvg, FedProx or FedAdam from the run config; every connected site trains."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-    def __init__(self, *, out_dir: Path, run_id: int, model_cfg, num_rounds: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.num_rounds = num_rounds
-        self.initial_validation: dict | None = None
-        self.out_dir = out_dir
-        self.run_id = run_id
-        self.model_cfg = model_cfg
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_nodes,
+                  min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+    name = str(rc["strategy"])
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(proximal_mu=float(rc["proximal-mu"]), **common)
+    if name == "fedadam":
+        return FedAdam(eta=float(rc["server-learning-rate"]), eta_l=float(rc["learning-rate"]), **common)
+    raise StudyError(f"run config strategy must be fedavg, fedprox or fedadam, got {name!r}")
+
+
+class Study:
+    """The coordinator-side record of one run: rounds, sites, checkpoint, final model."""
+
+    def __init__(self, out: Path, key: str, run_id: int) -> None:
+        self.out, self.key, self.run_id = out, key, run_id
         self.rounds: list[dict] = []
         self.sites: dict[str, dict] = {}
+        self.vocabulary: dict | None = None
+        self.status = "running"
+        self.error = ""
+        self.resumed_from = 0
+        self.runs: list[int] = [run_id]
+        self.best_round: int | None = None
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        accepted, participation = [], []
-        for msg in replies:
-            if msg.has_error():
-                participation.append({"node_id": msg.metadata.src_node_id, "status": "error",
-                                      "reason": msg.error.reason})
-                continue
-            site = msg.content.config_records.get("site", ConfigRecord())
-            privacy = msg.content.config_records.get("privacy", ConfigRecord())
-            metrics = msg.content.metric_records.get("metrics", MetricRecord())
-            name = str(site.get("site", f"node-{msg.metadata.src_node_id}"))
-            entry = {"site": name, "status": str(site.get("status", "")), "examples": int(metrics.get("num-examples", 0)),
-                     "epsilon_spent": float(metrics.get("epsilon", 0.0)), "train_loss": metrics.get("train_loss")}
-            if "reason" in site:
-                entry["reason"] = str(site["reason"])
-            participation.append(entry)
-            self.sites[name] = {"name": name, "epsilon_budget": float(privacy.get("epsilon-budget", float("nan"))),
-                                "epsilon_spent": entry["epsilon_spent"], "delta": float(privacy.get("delta", float("nan"))),
-                                "examples": entry["examples"]}
-            if entry["status"] == STATUS_OK:
-                accepted.append(msg)
-        # train replies carry the validation metrics of the model they started from: the
-        # previous round's aggregate (round 0: the initial weights)
-        val_c, val_loss = self._validation(msg for msg in replies if not msg.has_error())
-        if server_round > 1 and self.rounds:
-            self._set_validation(server_round - 1, val_c, val_loss)
-        else:
-            self.initial_validation = {"val_c_index": val_c, "val_loss": val_loss}
-        record = {"round": server_round, "participation": participation,
-                  "train_loss": weighted_mean((float(p["train_loss"]), p["examples"]) for p in participation
-                                              if p.get("status") == STATUS_OK),
-                  "val_c_index": float("nan")}
-        self.rounds.append(record)
-        if not accepted:
-            self._persist()
-            raise RuntimeError(f"round {server_round}: no site trained ({participation}); nothing to aggregate")
-        arrays, agg = super().aggregate_train(server_round, accepted)
-        if arrays is not None:
-            save_predictor(self.round_dir(server_round), arrays.to_torch_state_dict(), config=self.model_cfg,
-                           feature_spec=asdict(FeatureSpec()),
-                           extra={"round": server_round, "run_id": self.run_id, "training": "federated_dp_fedavg",
-                                  "sites": sorted(self.sites.values(), key=lambda s: s["name"]),
-                                  "metrics": {"train_loss": record["train_loss"]}})
-        self._persist()
-        return arrays, agg
+    # -- persistence --------------------------------------------------------------------
+    def persist(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        doc = {"run_key": self.key, "run_id": self.run_id, "flower_runs": self.runs, "status": self.status,
+               "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round, "rounds": self.rounds,
+               "sites": sorted(self.sites.values(), key=lambda s: s["name"])}
+        _write_json(self.out / "rounds.json", doc)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """Only the last round needs evaluate messages; earlier ones are validated in training."""
-        if server_round < self.num_rounds:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+    def checkpoint(self, server_round: int, state) -> None:
+        from safetensors.torch import save_file
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        replies = [msg for msg in replies if not msg.has_error()]
-        if not replies:
+        self.out.mkdir(parents=True, exist_ok=True)
+        weights = self.out / "checkpoint.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(weights) + ".tmp")
+        os.replace(str(weights) + ".tmp", weights)
+        _write_json(self.out / CHECKPOINT, {"run_key": self.key, "round": server_round, "vocabulary": self.vocabulary,
+                                            "rounds": self.rounds, "sites": self.sites, "runs": self.runs})
+
+    def resume(self):
+        """(round, weights) of the last completed round when a checkpoint of this run key exists."""
+        from safetensors.torch import load_file
+
+        path = self.out / CHECKPOINT
+        if not path.is_file():
             return None
-        c, loss = self._validation(replies)
-        self._set_validation(server_round, c, loss)
-        return MetricRecord({"c_index": 0.0 if math.isnan(c) else c, "val_loss": 0.0 if math.isnan(loss) else loss})
-
-    @staticmethod
-    def _validation(replies: Iterable[Message]) -> tuple[float, float]:
-        pairs, losses = [], []
-        for msg in replies:
-            m = msg.content.metric_records.get("metrics", MetricRecord())
-            if "val-c-weight" in m:
-                pairs.append((float(m["val-c-index"]), float(m["val-c-weight"])))
-                losses.append((float(m["val-loss"]), float(m["val-examples"])))
-        return weighted_mean(pairs), weighted_mean(losses)
-
-    def _set_validation(self, server_round: int, c: float, loss: float) -> None:
-        record = next((r for r in self.rounds if r["round"] == server_round), None)
-        if record is None:
-            return
-        record["val_c_index"], record["val_loss"] = c, loss
-        if (self.round_dir(server_round) / "manifest.json").is_file():
-            update_component(self.round_dir(server_round), "predictor",
-                             metrics={"train_loss": record["train_loss"], "val_c_index": c, "val_loss": loss})
-        self._persist()
+        doc = json.loads(path.read_text())
+        if doc["run_key"] != self.key:
+            raise StudyError(f"{self.out} holds a checkpoint of run {doc['run_key']}, not {self.key}; "
+                             "use another out-dir or the same run-key")
+        self.vocabulary, self.rounds, self.sites = doc["vocabulary"], doc["rounds"], doc["sites"]
+        self.runs = [*doc.get("runs", []), self.run_id]
+        self.resumed_from = int(doc["round"])
+        return int(doc["round"]), load_file(str(self.out / "checkpoint.safetensors"))
 
     def round_dir(self, server_round: int) -> Path:
-        """Where a round's aggregated model lives."""
-        return self.out_dir / "models" / f"round-{server_round}"
+        return self.out / "models" / f"round-{server_round}"
 
-    def _persist(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / "rounds.json.tmp"
-        tmp.write_text(json.dumps({"run_id": self.run_id, "rounds": self.rounds,
-                                   "initial": self.initial_validation,
-                                   "sites": sorted(self.sites.values(), key=lambda s: s["name"])}, indent=1))
-        os.replace(tmp, self.out_dir / "rounds.json")
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _wait_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    t0 = time.monotonic()
+    delay = 0.2
+    while len(nodes := list(grid.get_node_ids())) < n:
+        if time.monotonic() - t0 > timeout:
+            raise StudyError(f"only {len(nodes)} of {n} sites connected within {timeout:.0f}s; "
+                             "check that every site's SuperNode runs and can reach the SuperLink")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+    return nodes
+
+
+def _site_name(msg: Message) -> str:
+    if msg.has_error():
+        return f"node-{msg.metadata.src_node_id}"
+    return str(msg.content.config_records.get("site", ConfigRecord()).get("site", f"node-{msg.metadata.src_node_id}"))
+
+
+def _summaries(grid: Grid, rc, nodes: list[int], timeout: float):
+    from ..summaries import DataSummary, merge
+
+    cfg = ConfigRecord({"covariates": str(rc["covariates"]), "history-days": float(rc["history-days"]),
+                        "min-count": int(rc["min-count"])})
+    msgs = [Message(RecordDict({"config": cfg}), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    failed = [f"{_site_name(m)}: {m.error.reason}" for m in replies if m.has_error()]
+    if failed or len(replies) < len(nodes):
+        raise StudyError(f"sites could not summarize their data ({'; '.join(failed) or 'no reply'}); "
+                         "check their snapshots")
+    summaries, names = [], {}
+    for m in replies:
+        rec = m.content.config_records["summary"]
+        summaries.append(DataSummary.from_dict(json.loads(str(rec["json"]))))
+        names[_site_name(m)] = tuple(json.loads(str(rec["covariates"])))
+    if len(set(names.values())) > 1:
+        ref_site, ref = next(iter(names.items()))
+        diff = next((s, sorted(set(c) ^ set(ref))) for s, c in names.items() if c != ref)
+        raise StudyError(f"sites have different covariates: {diff[0]} differs from {ref_site} in {diff[1]}; "
+                         "give every site the same columns (or pass --covariates)")
+    return merge(summaries), sorted(names)
+
+
+def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, cfg: ConfigRecord, *,
+                 min_nodes: int, timeout: float, join_timeout: float):
+    _wait_nodes(grid, min_nodes, join_timeout)
+    msgs = list(strategy.configure_train(server_round, ArrayRecord(state), cfg, grid))
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    answered = {m.metadata.src_node_id for m in replies}
+    participation, accepted = [], []
+    for m in msgs:
+        if m.metadata.dst_node_id not in answered:
+            participation.append({"site": f"node-{m.metadata.dst_node_id}", "status": "timeout",
+                                  "reason": f"no reply within {timeout:.0f}s"})
+    for msg in replies:
+        if msg.has_error():
+            participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
+            continue
+        site = msg.content.config_records.get("site", ConfigRecord())
+        privacy = msg.content.config_records.get("privacy", ConfigRecord())
+        m = msg.content.metric_records.get("metrics", MetricRecord())
+        name = _site_name(msg)
+        entry = {"site": name, "status": str(site.get("status", "")), "examples": int(m.get("num-examples", 0)),
+                 "epsilon_spent": float(m.get("epsilon", 0.0))}
+        if "reason" in site:
+            entry["reason"] = str(site["reason"])
+        if entry["status"] == STATUS_OK:
+            entry.update(train_loss=float(m["train_loss"]), val_examples=int(m["val-examples"]),
+                         val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
+                         val_metric_weight=int(m["val-metric-weight"]))
+            accepted.append(msg)
+        participation.append(entry)
+        study.sites[name] = {"name": name, "epsilon_budget": float(privacy.get("epsilon-budget", float("nan"))),
+                             "epsilon_spent": entry["epsilon_spent"], "delta": float(privacy.get("delta", float("nan"))),
+                             "examples": max(entry["examples"], study.sites.get(name, {}).get("examples", 0))}
+    ok = [p for p in participation if p["status"] == STATUS_OK]
+    record = {"round": server_round, "participation": sorted(participation, key=lambda p: p["site"]),
+              "trained": len(ok), "train_loss": weighted_mean((p["train_loss"], p["examples"]) for p in ok),
+              "val_loss": float("nan"), "val_metric": float("nan")}
+    # train replies carry the validation of the model they started from (the previous round's)
+    prev = next((r for r in study.rounds if r["round"] == server_round - 1), None)
+    if prev is not None and ok:
+        prev["val_loss"] = weighted_mean((p["val_loss"], p["val_examples"]) for p in ok)
+        prev["val_metric"] = weighted_mean((p["val_metric"], p["val_metric_weight"]) for p in ok)
+    if len(accepted) < min_nodes:
+        record["status"] = "skipped"
+        study.rounds.append(record)
+        return None, record
+    arrays, _ = strategy.aggregate_train(server_round, accepted)
+    record["status"] = "aggregated"
+    study.rounds.append(record)
+    return arrays.to_torch_state_dict(), record
+
+
+def _evaluate(grid: Grid, state, cfg: ConfigRecord, timeout: float) -> dict:
+    from ..summaries import NumericSummary
+
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"arrays": ArrayRecord(state), "config": cfg}), dst_node_id=nid,
+                    message_type=MessageType.EVALUATE) for nid in nodes]
+    replies = [m for m in grid.send_and_receive(msgs, timeout=timeout) if not m.has_error()]
+    ms = [m.content.metric_records["metrics"] for m in replies]
+    out = {"val_loss": weighted_mean((float(m["val-loss"]), float(m["val-examples"])) for m in ms),
+           "val_metric": weighted_mean((float(m["val-metric"]), float(m["val-metric-weight"])) for m in ms),
+           "sites": len(replies)}
+    preds = [m.content.config_records["predictions"] for m in replies if "predictions" in m.content.config_records]
+    if preds:
+        merged = NumericSummary.merge([NumericSummary.from_dict(json.loads(str(p["json"]))) for p in preds])
+        out["tertiles"] = [float(x) for x in merged.quantile([1 / 3, 2 / 3])]
+        out["residual_sd"] = math.sqrt(sum(float(p["sse"]) for p in preds) / merged.n)
+    return out
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured number of FedAvg rounds."""
+    """Run (or resume) one study run; see the module docstring."""
+    from .tasks import METRICS, task_for
+
     rc = context.run_config
-    out_dir = Path(str(rc["out-dir"]))
     if not str(rc["out-dir"]):
         raise ValueError("run config out-dir is empty; pass --run-config \"out-dir='/path'\"")
-    min_nodes = int(rc["min-nodes"])
-    strategy = RecordingFedAvg(out_dir=out_dir, run_id=int(context.run_id), model_cfg=model_config(rc),
-                               num_rounds=int(rc["num-server-rounds"]),
-                               fraction_train=float(rc["fraction-train"]), min_train_nodes=min_nodes,
-                               min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(new_model(rc).state_dict()),
-                   num_rounds=int(rc["num-server-rounds"]), train_config=ConfigRecord({}),
-                   timeout=float(rc["round-timeout"]))
+    study = Study(Path(str(rc["out-dir"])), run_key(context), int(context.run_id))
+    task = task_for(rc)
+    rounds, min_nodes = int(rc["num-server-rounds"]), int(rc["min-nodes"])
+    expected = max(int(rc["expected-nodes"]), min_nodes)
+    timeout, join_timeout = float(rc["round-timeout"]), float(rc["join-timeout"])
+    patience, min_delta = int(rc["patience"]), float(rc["min-delta"])
+    try:
+        resumed = study.resume()
+        if resumed is None:
+            nodes = _wait_nodes(grid, expected, join_timeout)
+            summary, names = _summaries(grid, rc, nodes, timeout)
+            study.vocabulary = task.vocabulary(summary)
+            study.sites = {n: {"name": n, "epsilon_spent": 0.0, "examples": 0} for n in names}
+            start, state = 0, task.initial_state(study.vocabulary)
+            study.checkpoint(0, state)
+        else:
+            start, state = resumed
+        study.persist()
+        strategy = make_strategy(rc, min_nodes)
+        cfg = ConfigRecord({"vocabulary": json.dumps(study.vocabulary), "planned-rounds": rounds})
+        done = start
+        for server_round in range(start + 1, rounds + 1):
+            new_state, record = _train_round(study, strategy, grid, state, server_round, cfg, min_nodes=min_nodes,
+                                             timeout=timeout, join_timeout=join_timeout)
+            if new_state is None:
+                study.persist()
+                if record["trained"] == 0 and all(p["status"] == "refused" for p in record["participation"]):
+                    study.error = f"round {server_round}: every site refused (privacy budgets spent); stopping"
+                    break
+                continue
+            state = new_state
+            done = server_round
+            task.save(study.round_dir(server_round), state, study.vocabulary,
+                      {"round": server_round, "run_key": study.key, "metrics": {"train_loss": record["train_loss"]}})
+            study.checkpoint(server_round, state)
+            study.persist()
+            if patience and _stalled([r for r in study.rounds if r["status"] == "aggregated"], patience, min_delta):
+                study.error = f"early stopping after round {server_round}: validation loss did not improve for {patience} rounds"
+                break
+        final = study.round_dir(done) if done else None
+        if final is not None:
+            ev = _evaluate(grid, state, ConfigRecord({"vocabulary": json.dumps(study.vocabulary),
+                                                      "min-count": int(rc["min-count"])}), timeout)
+            last = next(r for r in study.rounds if r["round"] == done)
+            last["val_loss"], last["val_metric"] = ev["val_loss"], ev["val_metric"]
+            _finish(study, task, rc, ev, metric=METRICS.get(str(rc["endpoint"]), "perplexity")
+                    if task.name == "fusion" else "perplexity")
+        study.status = "completed" if final is not None else "failed"
+        if final is None and not study.error:
+            study.error = "no round was aggregated"
+        study.persist()
+    except StudyError as exc:
+        study.status, study.error = "failed", str(exc)
+        study.persist()
+        raise
+
+
+def _stalled(rounds: list[dict], patience: int, min_delta: float) -> bool:
+    """True when the last `patience` validated rounds did not beat the best before them by min_delta."""
+    losses = [r["val_loss"] for r in rounds if not math.isnan(r.get("val_loss", float("nan")))]
+    if len(losses) <= patience:
+        return False
+    best_before = min(losses[:-patience])
+    return min(losses[-patience:]) > best_before - min_delta
+
+
+def _finish(study: Study, task, rc, ev: dict, *, metric: str) -> None:
+    """Copy the best round (lowest federated validation loss) to <out>/model with its lineage."""
+    from ..artifacts import load_component
+
+    aggregated = [r for r in study.rounds if r["status"] == "aggregated"]
+    scored = [r for r in aggregated if not math.isnan(r.get("val_loss", float("nan")))]
+    best = min(scored, key=lambda r: r["val_loss"]) if scored else aggregated[-1]
+    tensors, _, vocab = load_component(study.round_dir(best["round"]), task.component)
+    model_dir = study.out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    sites = sorted(study.sites.values(), key=lambda s: s["name"])
+    extra = {"training": f"federated_dp_{rc['strategy']}", "run_key": study.key, "flower_runs": study.runs,
+             "rounds": len(aggregated), "best_round": best["round"],
+             "sites": [{"name": s["name"], "epsilon": s.get("epsilon_spent"), "delta": s.get("delta"),
+                        "examples": s.get("examples")} for s in sites],
+             "epsilon": max((s.get("epsilon_spent") or 0.0) for s in sites) if sites else None,
+             "delta": float(rc.get("delta", 0.0)) or None,
+             "metrics": {f"val_{metric}": _num(best.get("val_metric")), "val_loss": _num(best.get("val_loss"))},
+             "tertiles": ev.get("tertiles"), "residual_sd": ev.get("residual_sd", 0.0)}
+    extra.update(json.loads(str(rc.get("manifest-extra", "")) or "{}"))
+    task.save(model_dir, tensors, study.vocabulary, extra)
+    study.best_round = best["round"]
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)

@@ -32,8 +32,8 @@ def test_site_init_ingest_stats_snapshot_rotate(small_cohort, tmp_path):
     r = runner.invoke(app, ["site", "stats", "--site-dir", str(site), "--json"])
     assert json.loads(r.stdout) == {"patients": 80, "events": doc["events"], "quarantined": 0}
 
-    r = runner.invoke(app, ["site", "export-snapshot", "--site-dir", str(site), "--out", str(tmp_path / "snap.safetensors")])
-    assert r.exit_code == 0 and (tmp_path / "snap.safetensors").is_file()
+    r = runner.invoke(app, ["site", "export-snapshot", "--site-dir", str(site), "--out", str(tmp_path / "snap.jsonl.gz")])
+    assert r.exit_code == 0 and (tmp_path / "snap.jsonl.gz").is_file()
 
     r = runner.invoke(app, ["site", "rotate-key", "--site-dir", str(site), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["active"] == "k2"
