@@ -74,12 +74,13 @@ class Study:
         self.resumed_from = 0
         self.runs: list[int] = [run_id]
         self.best_round: int | None = None
+        self.not_joined: list[str] = []  # sites that refused the study (e.g. app not approved)
 
     # -- persistence --------------------------------------------------------------------
     def persist(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {"run_key": self.key, "run_id": self.run_id, "flower_runs": self.runs, "status": self.status,
-               "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round, "rounds": self.rounds,
+               "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round, "not_joined": self.not_joined, "rounds": self.rounds,
                "sites": sorted(self.sites.values(), key=lambda s: s["name"])}
         _write_json(self.out / "rounds.json", doc)
 
@@ -137,19 +138,21 @@ def _site_name(msg: Message) -> str:
     return str(msg.content.config_records.get("site", ConfigRecord()).get("site", f"node-{msg.metadata.src_node_id}"))
 
 
-def _summaries(grid: Grid, rc, nodes: list[int], timeout: float):
+def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int):
+    """Merged summary of the sites that answered; sites that refused (unapproved app) sit the study out."""
     from ..summaries import DataSummary, merge
 
     cfg = ConfigRecord({"covariates": str(rc["covariates"]), "history-days": float(rc["history-days"]),
                         "min-count": int(rc["min-count"])})
     msgs = [Message(RecordDict({"config": cfg}), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    failed = [f"{_site_name(m)}: {m.error.reason}" for m in replies if m.has_error()]
-    if failed or len(replies) < len(nodes):
-        raise StudyError(f"sites could not summarize their data ({'; '.join(failed) or 'no reply'}); "
-                         "check their snapshots")
+    failed = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
+    ok = [m for m in replies if not m.has_error()]
+    if len(ok) < min_nodes:
+        raise StudyError(f"only {len(ok)} of {len(nodes)} sites summarized their data, fewer than min-nodes "
+                         f"{min_nodes} ({'; '.join(failed) or 'no reply'})")
     summaries, names = [], {}
-    for m in replies:
+    for m in ok:
         rec = m.content.config_records["summary"]
         summaries.append(DataSummary.from_dict(json.loads(str(rec["json"]))))
         names[_site_name(m)] = tuple(json.loads(str(rec["covariates"])))
@@ -158,7 +161,7 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float):
         diff = next((s, sorted(set(c) ^ set(ref))) for s, c in names.items() if c != ref)
         raise StudyError(f"sites have different covariates: {diff[0]} differs from {ref_site} in {diff[1]}; "
                          "give every site the same columns (or pass --covariates)")
-    return merge(summaries), sorted(names)
+    return merge(summaries), sorted(names), failed
 
 
 def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, cfg: ConfigRecord, *,
@@ -249,9 +252,10 @@ def main(grid: Grid, context: Context) -> None:
         resumed = study.resume()
         if resumed is None:
             nodes = _wait_nodes(grid, expected, join_timeout)
-            summary, names = _summaries(grid, rc, nodes, timeout)
+            summary, names, failed = _summaries(grid, rc, nodes, timeout, min_nodes)
             study.vocabulary = task.vocabulary(summary)
             study.sites = {n: {"name": n, "epsilon_spent": 0.0, "examples": 0} for n in names}
+            study.not_joined = failed
             start, state = 0, task.initial_state(study.vocabulary)
             study.checkpoint(0, state)
         else:

@@ -1,0 +1,197 @@
+"""`evoclone train` through real SuperLink and SuperNode processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evoclone.federated.tabular import OutcomeColumns
+
+pytestmark = pytest.mark.slow
+EVOCLONE = str(Path(sys.executable).parent / "evoclone")
+
+
+@pytest.fixture(scope="module")
+def trial_csv(tmp_path_factory) -> Path:
+    """Three hospitals with different case mix; survival depends on age, bmi and the arm."""
+    rng = np.random.default_rng(0)
+    n = 420
+    site = rng.choice(["h1", "h2", "h3"], n, p=[0.4, 0.35, 0.25])
+    age, bmi, arm = rng.normal(62, 9, n), rng.normal(28, 4, n), rng.integers(0, 2, n)
+    lin = 0.05 * (age - 62) + 0.06 * (bmi - 28) - 0.5 * arm + np.select([site == "h2", site == "h3"], [0.3, -0.2], 0)
+    t, c = rng.exponential(800 * np.exp(-lin)), rng.uniform(200, 1500, n)
+    df = pd.DataFrame({"patient_id": [f"MRN{900000 + i}" for i in range(n)], "hospital": site, "age": age.round(1),
+                       "bmi": bmi.round(1), "sex": rng.choice(["F", "M"], n), "arm": arm,
+                       "days": np.minimum(t, c).round(), "died": (t <= c).astype(int)})
+    path = tmp_path_factory.mktemp("trial") / "trial.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def _ledger(site_dir: Path) -> dict:
+    r = subprocess.run([EVOCLONE, "site", "budget", "--site-dir", str(site_dir), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_train_with_tls_node_auth_and_approval(trial_csv, tmp_path):
+    out, work = tmp_path / "model", tmp_path / "study"
+    cmd = [EVOCLONE, "train", "--data", str(trial_csv), "--site-column", "hospital", "--treatment", "arm",
+           "--time", "days", "--event", "died", "--rounds", "2", "--epsilon", "2.0", "--batch-size", "16",
+           "--out", str(out), "--work-dir", str(work), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert [s["name"] for s in summary["sites"]] == ["h1", "h2", "h3"]
+    fusion = summary["models"]["fusion"]
+    assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
+    for s in summary["sites"]:
+        assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
+        ledger = _ledger(work / "sites" / s["name"])  # one charge per round, same total
+        assert [c["round"] for c in ledger["charges"]] == [1, 2]
+        assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
+    # TLS and node authentication were on: every site has a key pair issued from the study PKI
+    assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
+    # the model directory works with the twins commands and records its lineage
+    manifest = json.loads((out / "manifest.json").read_text())["components"]["predictor"]
+    assert manifest["training"] == "federated_dp_fedavg" and {s["name"] for s in manifest["sites"]} == {"h1", "h2", "h3"}
+    assert manifest["columns"]["site_column"] == "hospital" and manifest["columns"]["covariates"] == ["age", "bmi", "sex"]
+    pred = subprocess.run([EVOCLONE, "twins", "predict", "--model", str(out), "--patients", str(trial_csv), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert len(json.loads(pred.stdout)["predictions"]) == 420
+    # no hospital identifier reached the coordinator or the model directory
+    for area in (work / "coordinator", out):
+        for f in area.rglob("*"):
+            if f.is_file():
+                assert b"MRN9" not in f.read_bytes(), f"{f} holds a raw patient id"
+
+
+def _prepared(trial_csv: Path, tmp_path: Path, **kw):
+    from evoclone.cli.train_jobs import TrainOptions, prepare_sites, validate
+
+    opts = TrainOptions(data=trial_csv, site_column="hospital", treatment="arm",
+                        outcome=OutcomeColumns(time="days", event="died"), out=tmp_path / "model",
+                        work_dir=tmp_path / "study", batch_size=16, insecure=True, **kw)
+    patients, events, names = validate(opts)
+    parts, covariates, _ = prepare_sites(opts, patients, events, names)
+    return opts, parts, covariates
+
+
+def test_unapproved_app_is_refused_and_budget_exhaustion_mid_run(trial_csv, tmp_path):
+    from evoclone.cli.federation import Federation
+    from evoclone.cli.train_jobs import run_config
+    from evoclone.coordinator.superlink import fab_hash
+    from evoclone.federated.stores.ledger import SqlLedgerStore
+    from evoclone.privacy.accounting import LedgerEntry
+    from evoclone.site_node.approvals import ApprovalStore
+
+    opts, parts, covariates = _prepared(trial_csv, tmp_path, rounds=3, min_sites=1)
+    by_name = {p.name: p for p in parts}
+    coord = tmp_path / "study" / "coordinator" / "run"
+    rc = run_config(opts, "fusion", out_dir=coord, covariates=covariates, sites=3, manifest_extra={}, run_key="rk-1")
+    charged = []
+
+    def spend_h2_after_round_1(done: int, total: int) -> None:
+        # another study spends nearly all of h2's budget while this run is going on
+        from evoclone.privacy.accounting import calibrate_noise
+
+        if done >= 1 and not charged:
+            store = SqlLedgerStore(url=by_name["h2"].settings.db_url)
+            ledger = store.open(epsilon_budget=opts.epsilon, delta=opts.delta)
+            sigma = calibrate_noise(prior=ledger.history, target_epsilon=opts.epsilon - 0.002, delta=opts.delta,
+                                    sample_rate=0.5, steps=10)
+            store.charge(LedgerEntry(run_id="other-study", round=1, noise_multiplier=sigma, sample_rate=0.5, steps=10))
+            store.close()
+            charged.append(done)
+
+    with Federation(tmp_path / "study", parts, insecure=True) as fed:
+        h3 = ApprovalStore(url=by_name["h3"].settings.db_url)
+        h3.revoke(fab_hash(), admin="h3 data steward", note="not reviewed yet")  # h3 withdraws its approval
+        result = fed.train(rc, coord, rounds=3, on_round=spend_h2_after_round_1)
+    refusals = h3.refused()
+    h3.close()
+
+    # h3 never ran the app: refused before any ClientApp started, recorded, nothing charged
+    assert refusals and all(r["fab_hash"] == fab_hash() for r in refusals)
+    assert _ledger(by_name["h3"].settings.site_dir)["charges"] == []
+    assert not (by_name["h3"].settings.site_dir / "flower-updates").exists()
+    # h2 trained round 1, then refused the rounds that no longer fit; the run finished with h1
+    status = {r["round"]: {p["site"]: p["status"] for p in r["participation"]} for r in result["rounds"]}
+    assert status[1]["h1"] == "ok" and status[1]["h2"] == "ok"
+    assert status[3]["h2"] == "refused" and all(status[r]["h1"] == "ok" for r in (1, 2, 3))
+    assert charged == [1]
+    h2 = _ledger(by_name["h2"].settings.site_dir)
+    rounds_h2 = sorted(c["round"] for c in h2["charges"] if c["run_id"] == "rk-1")
+    assert rounds_h2 == [r for r in (1, 2, 3) if status[r]["h2"] == "ok"]
+    assert h2["epsilon_spent"] <= opts.epsilon + 1e-9
+    h1 = _ledger(by_name["h1"].settings.site_dir)
+    assert [c["round"] for c in h1["charges"]] == [1, 2, 3]
+    assert (coord / "model" / "manifest.json").is_file()
+
+
+def test_wrong_ca_and_unknown_key_supernodes_are_refused(trial_csv, tmp_path):
+    from evoclone.cli.federation import Federation
+    from evoclone.federated.flower.runtime import flower_env, free_port, http_ok
+    from evoclone.privacy.pki import new_ca, new_node_keypair
+    from evoclone.site_node.supernode import NodeSecurity, supernode_command
+
+    opts, parts, _ = _prepared(trial_csv, tmp_path)
+    rogue = parts[2]
+    with Federation(tmp_path / "study", parts[:2]) as fed:  # TLS + node authentication, h1 and h2 registered
+        assert fed.link.healthy()
+        assert not http_ok(f"http://{fed.link.address}/health")  # plain HTTP is not served
+        key, pub = new_node_keypair()
+        unknown = tmp_path / "unknown.key"
+        unknown.write_bytes(key)
+        unknown.chmod(0o600)
+        other_ca = tmp_path / "other-ca.pem"
+        other_ca.write_bytes(new_ca("someone else's CA")[1])
+        attempts = {
+            "unknown-key": NodeSecurity(ca_cert=fed.security.ca_cert, node_key=unknown),
+            "wrong-ca": NodeSecurity(ca_cert=other_ca, node_key=fed.node_keys["h1"][0]),
+        }
+        for name, sec in attempts.items():
+            cmd = supernode_command(rogue.settings, superlink=fed.link.address, port=free_port(), security=sec)
+            fed.group.start(name, [*cmd, "--max-retries", "2", "--max-wait-time", "30"],
+                            env=flower_env(tmp_path / name))
+        for name in attempts:
+            proc = fed.group.procs[name]
+            assert proc.wait(timeout=90) != 0, f"{name} SuperNode should have been refused"
+        logs = {name: (fed.group.log_dir / f"{name}.log").read_text() for name in attempts}
+        assert "Failed to activate SuperNode" in logs["unknown-key"]  # the SuperLink refused the key
+        assert "CERTIFICATE_VERIFY_FAILED" in logs["wrong-ca"]  # the SuperLink's certificate is not from that CA
+        listed = fed.link._flwr("supernode", "list", "evoclone", "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)["nodes"]) == 2
+
+
+def test_bad_input_is_refused_before_anything_starts(trial_csv, tmp_path):
+    df = pd.read_csv(trial_csv)
+    one = tmp_path / "one.csv"
+    df.assign(hospital="h1").to_csv(one, index=False)
+    small = tmp_path / "small.csv"
+    pd.concat([df[df.hospital != "h3"], df[df.hospital == "h3"].head(12)]).to_csv(small, index=False)
+    base = [EVOCLONE, "train", "--site-column", "hospital", "--treatment", "arm", "--time", "days", "--event", "died",
+            "--insecure"]
+    cases = [
+        (["--data", str(one)], "has one value"),
+        (["--data", str(small)], "site h3 has"),
+        (["--data", str(trial_csv), "--epsilon", "0"], "--epsilon must be a positive number"),
+        (["--data", str(trial_csv), "--site-column", "nope"], "no site column"),
+    ]
+    for extra, message in cases:
+        work = tmp_path / f"w{len(message)}"
+        r = subprocess.run([*base, *extra, "--out", str(tmp_path / "m"), "--work-dir", str(work)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (work / "sites").exists() or not any((work / "sites").rglob("site.db"))
+        assert not (tmp_path / "m").exists()
