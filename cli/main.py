@@ -12,6 +12,7 @@ from rich.console import Console
 from .data import data_app
 from .pki import pki_app
 from .site import site_app
+from .train import app_app
 from .train import train as train_cmd
 from .twins import twins_app
 
@@ -22,6 +23,7 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(site_app, name="site")
 app.add_typer(twins_app, name="twins")
 app.command("train")(train_cmd)
+app.add_typer(app_app, name="app")
 err = Console(stderr=True)
 
 

@@ -278,3 +278,107 @@ def reset_budget(site_dir: SiteDir,
     else:
         err.print(f"ledger cleared ({doc['cleared_charges']} charges, epsilon {doc['epsilon_spent_before']:.4f}); "
                   "recorded in the ledger's audit log")
+
+
+@site_app.command()
+def approve(fab_hash: Annotated[str, typer.Argument(help="sha256 of the Flower App bundle (`evoclone app hash`)")],
+            site_dir: SiteDir, admin: Annotated[str, typer.Option(help="who approves (recorded)")],
+            note: Annotated[str, typer.Option(help="why, e.g. the review it passed")] = "",
+            as_json: AsJson = False) -> None:
+    """Let federated runs of this app bundle train on the site's data (recorded with who and why).
+
+    Example: evoclone site approve 3f5a...c2 --site-dir /srv/evoclone/site --admin "J. Doe" --note "reviewed v0.2"
+    """
+    _approval(site_dir, "approve", fab_hash, admin, note, as_json)
+
+
+@site_app.command()
+def revoke(fab_hash: Annotated[str, typer.Argument(help="sha256 of an approved app bundle")], site_dir: SiteDir,
+           admin: Annotated[str, typer.Option(help="who revokes (recorded)")],
+           note: Annotated[str, typer.Option(help="why")] = "", as_json: AsJson = False) -> None:
+    """Withdraw an approval: later runs of that bundle are refused before they read data.
+
+    Example: evoclone site revoke 3f5a...c2 --site-dir /srv/evoclone/site --admin "J. Doe" --note "superseded"
+    """
+    _approval(site_dir, "revoke", fab_hash, admin, note, as_json)
+
+
+def _approval(site_dir: Path, action: str, fab_hash: str, admin: str, note: str, as_json: bool) -> None:
+    from evoclone.site_node.approvals import ApprovalStore
+
+    from .main import err, fail
+
+    settings = _settings(site_dir)
+    store = ApprovalStore(url=settings.db_url)
+    try:
+        doc = getattr(store, action)(fab_hash, admin=admin, note=note)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        err.print(f"{'approved' if doc['approved'] else 'revoked'}: {doc['fab_hash']}")
+
+
+@site_app.command()
+def approvals(site_dir: SiteDir, as_json: AsJson = False) -> None:
+    """Approved app bundles, the approval decisions and the runs refused at this site.
+
+    Example: evoclone site approvals --site-dir /srv/evoclone/site --json
+    """
+    from rich.table import Table
+
+    from evoclone.site_node.approvals import ApprovalStore
+
+    from .main import err
+
+    store = ApprovalStore(url=_settings(site_dir).db_url)
+    try:
+        doc = {"approved": store.list(), "decisions": store.history(), "refused_runs": store.refused()}
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    t = Table("fab sha256", "approved by", "at", "note", title="approved app bundles")
+    for a in doc["approved"]:
+        t.add_row(a["fab_hash"], a["approved_by"], a["at"], a["note"])
+    err.print(t)
+    r = Table("run", "fab sha256", "app", "at", title="refused runs")
+    for x in doc["refused_runs"]:
+        r.add_row(x["run_id"], x["fab_hash"], x["fab_id"], x["at"])
+    err.print(r)
+
+
+@site_app.command()
+def node(site_dir: SiteDir, superlink: Annotated[str, typer.Option(help="SuperLink Fleet API host:port")],
+         ca: Annotated[Path | None, typer.Option(help="study CA certificate (verifies the SuperLink)")] = None,
+         node_key: Annotated[Path | None, typer.Option(help="this node's private key (`evoclone pki issue node`)")] = None,
+         port: Annotated[int, typer.Option(help="the SuperNode's local API port")] = 9094,
+         insecure: Annotated[bool, typer.Option(help="test mode: no TLS, no node authentication")] = False) -> None:
+    """Run the site's guarded Flower SuperNode in the foreground (what the systemd unit runs).
+
+    It trains only app bundles approved with `evoclone site approve`, on the site's exported snapshot.
+
+    Example: evoclone site node --site-dir /srv/evoclone/site --superlink coordinator.example.org:9093 --ca ca.pem --node-key site.node.key
+    """
+    import os
+
+    from evoclone.federated.flower.runtime import flower_env
+    from evoclone.site_node.supernode import NodeSecurity, supernode_command
+
+    from .main import fail
+
+    settings = _settings(site_dir)
+    if not insecure and (ca is None or node_key is None):
+        raise fail("pass --ca and --node-key (from `evoclone pki`), or --insecure for a loopback test", 2)
+    if not settings.snapshot_path.is_file():
+        raise fail(f"{settings.snapshot_path} does not exist; run `evoclone site export-snapshot` first", 2)
+    security = None if insecure else NodeSecurity(ca_cert=ca, node_key=node_key)
+    try:
+        cmd = supernode_command(settings, superlink=superlink, port=port, security=security)
+    except FileNotFoundError as exc:
+        raise fail(str(exc), 2) from None
+    os.execvpe(cmd[0], cmd, flower_env(settings.site_dir / "flower"))

@@ -96,3 +96,21 @@ def train(
         err.print(f"{m}: best round {r['best_round']} of {len(r['rounds'])}, validation metric "
                   f"{best.get('val_metric', float('nan')):.4f}, loss {best.get('val_loss', float('nan')):.4f}")
     err.print(f"model directory: {summary['model_dir']}")
+
+
+app_app = typer.Typer(no_args_is_help=True, help="The Flower App bundle EvoClone trains with.")
+
+
+@app_app.command("hash")
+def app_hash(as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False) -> None:
+    """sha256 of the training app bundle this installation submits (what sites approve).
+
+    Example: evoclone app hash
+    """
+    from evoclone.coordinator.superlink import app_dir, fab_hash
+
+    h = fab_hash()
+    if as_json:
+        typer.echo(json.dumps({"fab_hash": h, "app": str(app_dir())}))
+    else:
+        typer.echo(h)

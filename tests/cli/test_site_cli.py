@@ -96,3 +96,23 @@ def test_site_budget_before_and_after_a_charge(tmp_path):
     store = SqlLedgerStore(url=get_settings(site).db_url)
     assert store.audit_log()[0]["admin"] == "it-admin"
     store.close()
+
+
+def test_site_approve_revoke_and_app_hash(tmp_path):
+    site = tmp_path / "s"
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "s"]).exit_code == 0
+    h = runner.invoke(app, ["app", "hash"]).stdout.strip()
+    from evoclone.coordinator.superlink import fab_hash
+
+    assert h == fab_hash() and len(h) == 64
+    r = runner.invoke(app, ["site", "approve", h, "--site-dir", str(site), "--admin", "J Doe", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"fab_hash": h, "approved": True, "admin": "J Doe"}
+    doc = json.loads(runner.invoke(app, ["site", "approvals", "--site-dir", str(site), "--json"]).stdout)
+    assert [a["fab_hash"] for a in doc["approved"]] == [h]
+    bad = runner.invoke(app, ["site", "approve", "1234", "--site-dir", str(site), "--admin", "J Doe"])
+    assert bad.exit_code == 2 and "not a sha256" in bad.stderr
+    assert runner.invoke(app, ["site", "revoke", h, "--site-dir", str(site), "--admin", "J Doe"]).exit_code == 0
+    doc = json.loads(runner.invoke(app, ["site", "approvals", "--site-dir", str(site), "--json"]).stdout)
+    assert doc["approved"] == [] and [d["action"] for d in doc["decisions"]] == ["approve", "revoke"]
+    r = runner.invoke(app, ["site", "node", "--site-dir", str(site), "--superlink", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--ca and --node-key" in r.stderr
