@@ -195,3 +195,71 @@ def test_bad_input_is_refused_before_anything_starts(trial_csv, tmp_path):
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not (work / "sites").exists() or not any((work / "sites").rglob("site.db"))
         assert not (tmp_path / "m").exists()
+
+
+def _kill_tree(group, name: str) -> None:
+    """SIGKILL a process and every descendant (the SuperNode and its ClientApp)."""
+    import os
+    import signal
+
+    from evoclone.federated.flower.runtime import _children
+
+    kids = _children()
+    stack, seen = [group.procs[name].pid], []
+    while stack:
+        pid = stack.pop()
+        seen.append(pid)
+        stack += kids.get(pid, [])
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    group.procs[name].wait(timeout=30)
+
+
+def test_supernode_and_superlink_killed_mid_run_charge_each_round_once(trial_csv, tmp_path):
+    """A site's SuperNode dies in round 2 and comes back; the SuperLink dies after round 3 and is
+    restarted: the run finishes, the site rejoins, and every ledger holds one charge per round trained."""
+    from evoclone.cli.federation import Federation
+    from evoclone.cli.train_jobs import run_config
+    from evoclone.privacy.accounting import epsilon_of
+
+    opts, parts, covariates = _prepared(trial_csv, tmp_path, rounds=4, min_sites=2)
+    by_name = {p.name: p for p in parts}
+    coord = tmp_path / "study" / "coordinator" / "run"
+    rc = run_config(opts, "fusion", out_dir=coord, covariates=covariates, sites=3, manifest_extra={}, run_key="rk-f")
+    events: list[str] = []
+    with Federation(tmp_path / "study", parts, insecure=True) as fed:
+        h3_log = fed.group.log_dir / "supernode-h3.log"
+
+        def faults(done: int, total: int) -> None:
+            # round 2 under way at h3 (its second train message arrived): kill h3, start it again
+            if "h3" not in events and h3_log.read_text().count("Receiving: train message") >= 2:
+                _kill_tree(fed.group, "supernode-h3")
+                fed.start_node(by_name["h3"])
+                events.append("h3")
+            # three rounds done: the coordinator's SuperLink dies
+            if "link" not in events and done >= 3:
+                _kill_tree(fed.group, "superlink")
+                events.append("link")
+
+        result = fed.train(rc, coord, rounds=4, on_round=faults)
+    assert events == ["h3", "link"]
+    assert result["superlink_restarts"] == 1 and len(result["flower_runs"]) == 2
+    status = {r["round"]: {p["site"]: p["status"] for p in r["participation"]} for r in result["rounds"]}
+    assert sorted(status) == [1, 2, 3, 4]  # no round lost or repeated in the record
+    assert status[2].get("h3") != "ok" and status[2]["h1"] == status[2]["h2"] == "ok"  # round 2 went on without h3
+    assert status[4]["h3"] == "ok"  # h3 rejoined after its restart
+    doc = json.loads((coord / "rounds.json").read_text())
+    assert doc["status"] == "completed" and doc["resumed_from"] == 3
+    for name, part in by_name.items():
+        ledger = _ledger(part.settings.site_dir)
+        rounds = [c["round"] for c in ledger["charges"]]
+        trained = [r for r in (1, 2, 3, 4) if status[r].get(name) == "ok"]
+        assert rounds == trained, (name, rounds, trained)  # one charge per round trained, none for the lost one
+        # spent epsilon is exactly the accountant's over the stored charges: nothing charged twice
+        history = [(c["noise_multiplier"], c["sample_rate"], c["steps"]) for c in ledger["charges"]]
+        assert ledger["epsilon_spent"] == pytest.approx(epsilon_of(history, delta=opts.delta), abs=1e-6)
+        assert ledger["epsilon_spent"] <= opts.epsilon + 1e-9
+    assert (coord / "model" / "manifest.json").is_file()
