@@ -161,7 +161,8 @@ class Federation:
         fed_cfg = None
         if self.engine == "simulation":
             rc["simulation-index"] = str(self.simulation_index)
-            fed_cfg = {"num-supernodes": len(self.parts)}
+            # one CPU per virtual node: as many ClientApp actors run at once as the host has cores
+            fed_cfg = {"num-supernodes": len(self.parts), "client-resources-num-cpus": 1}
 
         def show() -> None:
             if on_round is None or not rounds_file.is_file():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -155,10 +156,13 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
     # validating the incoming global model here spares a separate evaluate message (and a
     # ClientApp start) in every round but the last
     validation = task.validate(vocab, incoming, data)
+    t0 = time.perf_counter()
     state, results = task.train(vocab, incoming, data, tcfg, dp_settings(rc, noise_multiplier=sigma))
+    train_seconds = time.perf_counter() - t0
     steps = sum(r.steps for r in results)
     loss = float(sum(r.loss for r in results) / len(results))
-    metrics = {"num-examples": n, "train_loss": loss, "noise-multiplier": sigma, "steps": steps, **validation}
+    metrics = {"num-examples": n, "train_loss": loss, "noise-multiplier": sigma, "steps": steps,
+               "train-seconds": train_seconds, **validation}
     charge = {"noise_multiplier": sigma, "sample_rate": results[0].sample_rate, "steps": steps}
     cache.save(state, {"metrics": metrics, "charge": charge})
     try:  # one transaction: checked against the stored charges, written once per (run, round)

@@ -167,6 +167,7 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int)
 def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, cfg: ConfigRecord, *,
                  min_nodes: int, timeout: float, join_timeout: float):
     _wait_nodes(grid, min_nodes, join_timeout)
+    t0 = time.monotonic()
     msgs = list(strategy.configure_train(server_round, ArrayRecord(state), cfg, grid))
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     answered = {m.metadata.src_node_id for m in replies}
@@ -188,7 +189,8 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
         if "reason" in site:
             entry["reason"] = str(site["reason"])
         if entry["status"] == STATUS_OK:
-            entry.update(train_loss=float(m["train_loss"]), val_examples=int(m["val-examples"]),
+            entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
+                         val_examples=int(m["val-examples"]),
                          val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
                          val_metric_weight=int(m["val-metric-weight"]))
             accepted.append(msg)
@@ -207,10 +209,12 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
         prev["val_metric"] = weighted_mean((p["val_metric"], p["val_metric_weight"]) for p in ok)
     if len(accepted) < min_nodes:
         record["status"] = "skipped"
+        record["wall_seconds"] = time.monotonic() - t0
         study.rounds.append(record)
         return None, record
     arrays, _ = strategy.aggregate_train(server_round, accepted)
     record["status"] = "aggregated"
+    record["wall_seconds"] = time.monotonic() - t0  # messages out, local training, replies in, aggregation
     study.rounds.append(record)
     return arrays.to_torch_state_dict(), record
 

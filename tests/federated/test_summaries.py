@@ -78,3 +78,29 @@ def test_merge_refuses_summaries_with_different_settings():
         merge([summarize(_records(50, 0), min_count=10), summarize(_records(50, 1), min_count=5)])
     with pytest.raises(ValueError, match="not an evoclone data summary"):
         DataSummary.from_dict({"format": "other"})
+
+
+def test_early_stopping_rule():
+    from evoclone.federated.flower.server_app import _stalled
+
+    rounds = [{"val_loss": v} for v in (1.0, 0.9, 0.95, 0.93)]
+    assert _stalled(rounds, patience=2, min_delta=0.0)  # best 0.9 not beaten in the last two
+    assert not _stalled(rounds, patience=3, min_delta=0.0)
+    assert not _stalled(rounds[:2], patience=1, min_delta=0.0)  # 0.9 beat 1.0
+    assert _stalled(rounds[:2], patience=1, min_delta=0.2)  # ... but not by 0.2
+    assert not _stalled([{"val_loss": float("nan")}] * 4, patience=1, min_delta=0.0)
+
+
+def test_strategies_from_the_run_config():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    from evoclone.federated.flower.server_app import StudyError, make_strategy
+
+    rc = {"strategy": "fedprox", "proximal-mu": 0.5, "server-learning-rate": 0.02, "learning-rate": 0.003}
+    prox = make_strategy(rc, 2)
+    assert isinstance(prox, FedProx) and prox.proximal_mu == 0.5 and prox.min_train_nodes == 2
+    adam = make_strategy({**rc, "strategy": "fedadam"}, 3)
+    assert isinstance(adam, FedAdam) and adam.eta == 0.02
+    assert type(make_strategy({**rc, "strategy": "fedavg"}, 2)) is FedAvg
+    with pytest.raises(StudyError, match="fedavg, fedprox or fedadam"):
+        make_strategy({**rc, "strategy": "krum"}, 2)

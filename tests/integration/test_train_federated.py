@@ -263,3 +263,30 @@ def test_supernode_and_superlink_killed_mid_run_charge_each_round_once(trial_csv
         assert ledger["epsilon_spent"] == pytest.approx(epsilon_of(history, delta=opts.delta), abs=1e-6)
         assert ledger["epsilon_spent"] <= opts.epsilon + 1e-9
     assert (coord / "model" / "manifest.json").is_file()
+
+
+def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(trial_csv, tmp_path):
+    """The same ServerApp/ClientApp on Flower's simulation runtime: GPT generator and fusion
+    predictor in one model directory, FedProx, and early stopping on the federated validation loss."""
+    from evoclone.cli.train_jobs import TrainOptions, run_train
+    from evoclone.cli.twins_jobs import load_ensemble, load_generator
+
+    opts = TrainOptions(data=trial_csv, site_column="hospital", treatment="arm",
+                        outcome=OutcomeColumns(time="days", event="died"), out=tmp_path / "model",
+                        work_dir=tmp_path / "study", model="both", rounds=5, batch_size=16, engine="simulation",
+                        strategy="fedprox", patience=1,
+                        # no round can improve by 100 nats: stops once two rounds are validated
+                        extra_run_config={"min-delta": 100.0, "gpt-max-len": 64})
+    summary = run_train(opts)
+    for model in ("fusion", "gpt"):
+        r = summary["models"][model]
+        assert [x["round"] for x in r["rounds"]] == [1, 2, 3], model
+        assert "early stopping after round 3" in r["note"]
+        assert all(x["trained"] == 3 for x in r["rounds"])
+    ensemble, spec, entry = load_ensemble(opts.out)
+    assert entry["training"] == "federated_dp_fedprox" and entry["best_round"] in (1, 2, 3)
+    model, tok, gen_entry = load_generator(opts.out)
+    assert gen_entry["kind"] == "twin_generator" and tok.vocab_size == model.cfg.vocab_size
+    for s in summary["sites"]:  # two models, three rounds each, half the budget each
+        ledger = _ledger(opts.study_dir / "sites" / s["name"])
+        assert len(ledger["charges"]) == 6 and ledger["epsilon_spent"] <= opts.epsilon + 1e-9

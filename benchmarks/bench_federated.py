@@ -1,0 +1,196 @@
+"""Federated training targets (issue 5), each measured against its baseline in the same run.
+
+1. round-wall: 3 sites on loopback (deployment engine: SuperLink, TLS, one SuperNode process
+   per site): each round's wall time against the slowest site's local training time in that
+   round (reported by the sites). Target: <= 1.3x.
+2. scale: 100 simulated sites x 5 rounds on Flower's simulation engine. Target: <= 15 min
+   on 2 cores.
+3. accuracy: non-IID simulated hospitals, and GBSG2 (a real trial, lifelines) split into
+   sites: the federated DP model (epsilon E per site) against the mean local-only model and
+   centralized non-private training, held-out C-index on the sites' pooled test splits.
+   Target: federated > mean local, and >= centralized - 0.03.
+
+    python benchmarks/bench_federated.py --what accuracy --json bench-out/federated.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evoclone.cli.train_jobs import TrainOptions, run_train
+from evoclone.federated.tabular import OutcomeColumns
+
+COVARIATES_SIM = ["age", "sex", "bmi", "genotype", "diabetes", "hypertension", "ckd", "prior_mi"]
+
+
+def simulator_table(patients: int, sites: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The simulator's hospitals (non-IID case mix) as one flat table with a site column + events."""
+    from evoclone.federated.simulator import simulate_cohort
+
+    cohort = simulate_cohort(patients=patients, sites=sites, seed=seed)
+    rows, evs = [], []
+    for site, p in cohort.patients.items():
+        enrol = pd.to_datetime(p["enrollment_date"])
+        frame = pd.DataFrame({
+            "patient_id": p["mrn"], "hospital": site,
+            "age": ((enrol - pd.to_datetime(p["birth_date"])).dt.days / 365.25).round(1),
+            **{c: p[c] for c in COVARIATES_SIM if c != "age"}, "arm": p["arm"],
+            "days": (pd.to_datetime(p["followup_end_date"]) - enrol).dt.days, "event": p["event"]})
+        rows.append(frame)
+        e = cohort.events[site]
+        start = dict(zip(p["mrn"], enrol))
+        evs.append(pd.DataFrame({"patient_id": e["mrn"],
+                                 "time": (pd.to_datetime(e["date"]) - e["mrn"].map(start)).dt.days,
+                                 "code": e["code"], "value": e["value"], "unit": e["unit"]}))
+    return pd.concat(rows, ignore_index=True), pd.concat(evs, ignore_index=True)
+
+
+def gbsg2_table(sites: int, seed: int) -> pd.DataFrame:
+    """GBSG2 split into hospitals by a covariate-dependent draw (non-IID case mix)."""
+    from lifelines.datasets import load_gbsg2
+
+    df = load_gbsg2().reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    # larger tumours and more nodes go more often to the last hospitals (referral centres)
+    score = (df["tsize"].rank(pct=True) + df["pnodes"].rank(pct=True)) / 2
+    p = np.stack([np.exp(2.0 * (k / max(sites - 1, 1) - 0.5) * (score - 0.5)) for k in range(sites)], axis=1)
+    p /= p.sum(axis=1, keepdims=True)
+    hospital = [f"h{1 + rng.choice(sites, p=row)}" for row in p]
+    out = df.assign(hospital=hospital, arm=(df["horTh"] == "yes").astype(int),
+                    patient_id=[f"G{i:05d}" for i in range(len(df))]).drop(columns=["horTh"])
+    return out.rename(columns={"time": "days", "cens": "event"})
+
+
+def _train(table: pd.DataFrame, events: pd.DataFrame | None, work: Path, *, engine: str, rounds: int,
+           epsilon: float, args, covariates: list[str] | None = None, insecure: bool = False, **kw) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "table.csv"
+    table.to_csv(data, index=False)
+    ev_path = None
+    if events is not None:
+        ev_path = work / "events.csv"
+        events.to_csv(ev_path, index=False)
+    opts = TrainOptions(data=data, events=ev_path, site_column="hospital", treatment="arm",
+                        outcome=OutcomeColumns(time="days", event="event"), out=work / "model",
+                        work_dir=work / "study", covariates=covariates, rounds=rounds, epsilon=epsilon,
+                        engine=engine, batch_size=args.batch, local_epochs=args.local_epochs,
+                        learning_rate=args.lr, seed=args.seed, force=True, insecure=insecure, **kw)
+    return run_train(opts)
+
+
+def round_wall(args) -> dict:
+    table, events = simulator_table(args.patients, 3, args.seed)
+    summary = _train(table, events, Path(args.work) / "round-wall", engine="deployment", rounds=args.rounds,
+                     epsilon=args.epsilon, args=args, covariates=COVARIATES_SIM)
+    rows = []
+    for r in summary["models"]["fusion"]["rounds"]:
+        slowest = max(p.get("train_seconds", 0.0) for p in r["participation"] if p["status"] == "ok")
+        rows.append({"round": r["round"], "wall_s": round(r["wall_seconds"], 2), "slowest_local_train_s": round(slowest, 2),
+                     "ratio": round(r["wall_seconds"] / slowest, 3)})
+    return {"what": "round-wall", "sites": 3, "patients": args.patients, "rounds": rows,
+            "mean_ratio": round(float(np.mean([r["ratio"] for r in rows])), 3), "target": "<= 1.3"}
+
+
+def scale(args) -> dict:
+    table, _ = simulator_table(args.scale_patients, args.scale_sites, args.seed)
+    t0 = time.perf_counter()
+    summary = _train(table, None, Path(args.work) / "scale", engine="simulation", rounds=5, epsilon=args.epsilon,
+                     args=args, covariates=[c for c in COVARIATES_SIM])
+    wall = time.perf_counter() - t0
+    rounds = summary["models"]["fusion"]["rounds"]
+    return {"what": "scale", "sites": args.scale_sites, "patients": args.scale_patients, "rounds": len(rounds),
+            "sites_trained_per_round": [r["trained"] for r in rounds], "wall_s": round(wall, 1),
+            "target": "<= 900 s on 2 cores"}
+
+
+def _evaluate(summary: dict, work: Path, args) -> dict:
+    """Held-out C-index of the federated model, the local-only models and centralized training."""
+    from evoclone.federated.artifacts import load_component
+    from evoclone.federated.features import FeatureSpec, encode_cohort
+    from evoclone.federated.metrics import c_index
+    from evoclone.federated.predictor import FusionEnsemble
+    from evoclone.federated.snapshot import read_snapshot
+    from evoclone.federated.training import TrainConfig, build_model, concat, predict_risk, subset, train_with_validation
+    from evoclone.site_node.settings import get_settings
+
+    tensors, entry, vocab = load_component(Path(summary["model_dir"]), "predictor")
+    ens = FusionEnsemble.from_state(entry["config"], tensors)
+    spec = FeatureSpec.from_dict(vocab)
+    sites = {s["name"]: encode_cohort(read_snapshot(get_settings(work / "study" / "sites" / s["name"]).snapshot_path)[0],
+                                      spec) for s in summary["sites"]}
+    test = subset(concat([subset(a, "test") for a in sites.values()]))
+    fed = c_index(test["time"], test["event"], ens.predict(test)["risk"])
+    base = TrainConfig(epochs=args.baseline_epochs, batch_size=32, lr=3e-3, seed=args.seed)
+    central = build_model(ens.cfg, seed=args.seed)
+    train_with_validation(central, concat([subset(a, "train") for a in sites.values()]),
+                          concat([subset(a, "val") for a in sites.values()]), base)
+    cen = c_index(test["time"], test["event"], predict_risk(central, test))
+    local = {}
+    for name, a in sites.items():
+        m = build_model(ens.cfg, seed=args.seed)
+        train_with_validation(m, subset(a, "train"), subset(a, "val"), base)
+        local[name] = round(c_index(test["time"], test["event"], predict_risk(m, test)), 4)
+    mean_local = float(np.mean(list(local.values())))
+    eps = {s["name"]: s["epsilon_spent"] for s in summary["sites"]}
+    return {"federated_dp": round(fed, 4), "centralized": round(cen, 4), "local_only": local,
+            "mean_local": round(mean_local, 4), "test_patients": int(len(test["time"])), "epsilon_spent": eps,
+            "beats_local": bool(fed > mean_local), "within_0.03_of_central": bool(fed >= cen - 0.03)}
+
+
+def accuracy(args) -> dict:
+    out = {"what": "accuracy", "epsilon": args.epsilon, "rounds": args.rounds}
+    table, events = simulator_table(args.patients, args.sites, args.seed)
+    w = Path(args.work) / "acc-sim"
+    summary = _train(table, events, w, engine="simulation", rounds=args.rounds, epsilon=args.epsilon, args=args,
+                     covariates=COVARIATES_SIM, strategy=args.strategy)
+    out["simulator"] = {"sites": args.sites, "patients": args.patients, **_evaluate(summary, w, args)}
+    w = Path(args.work) / "acc-gbsg2"
+    g = gbsg2_table(args.sites, args.seed)
+    summary = _train(g, None, w, engine="simulation", rounds=args.rounds, epsilon=args.epsilon, args=args,
+                     covariates=["age", "menostat", "tsize", "tgrade", "pnodes", "progrec", "estrec"],
+                     strategy=args.strategy)
+    out["gbsg2"] = {"sites": args.sites, "patients": int(len(g)), **_evaluate(summary, w, args)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--what", choices=("round-wall", "scale", "accuracy", "all"), default="all")
+    ap.add_argument("--patients", type=int, default=3000)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--epsilon", type=float, default=3.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--strategy", default="fedavg")
+    ap.add_argument("--baseline-epochs", type=int, default=20)
+    ap.add_argument("--scale-sites", type=int, default=100)
+    ap.add_argument("--scale-patients", type=int, default=6000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--work", default="bench-out/federated")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    results = []
+    for what, fn in (("round-wall", round_wall), ("scale", scale), ("accuracy", accuracy)):
+        if args.what in (what, "all"):
+            t0 = time.perf_counter()
+            res = fn(args)
+            res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(res, indent=1), flush=True)
+            results.append(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
