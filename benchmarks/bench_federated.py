@@ -144,19 +144,38 @@ def _evaluate(summary: dict, work: Path, args) -> dict:
             "beats_local": bool(fed > mean_local), "within_0.03_of_central": bool(fed >= cen - 0.03)}
 
 
+def _mean_sd(xs: list[float]) -> dict:
+    return {"mean": round(float(np.mean(xs)), 4), "sd": round(float(np.std(xs, ddof=1)), 4) if len(xs) > 1 else 0.0}
+
+
 def accuracy(args) -> dict:
-    out = {"what": "accuracy", "epsilon": args.epsilon, "rounds": args.rounds}
-    table, events = simulator_table(args.patients, args.sites, args.seed)
-    w = Path(args.work) / "acc-sim"
-    summary = _train(table, events, w, engine="simulation", rounds=args.rounds, epsilon=args.epsilon, args=args,
-                     covariates=COVARIATES_SIM, strategy=args.strategy)
-    out["simulator"] = {"sites": args.sites, "patients": args.patients, **_evaluate(summary, w, args)}
-    w = Path(args.work) / "acc-gbsg2"
-    g = gbsg2_table(args.sites, args.seed)
-    summary = _train(g, None, w, engine="simulation", rounds=args.rounds, epsilon=args.epsilon, args=args,
-                     covariates=["age", "menostat", "tsize", "tgrade", "pnodes", "progrec", "estrec"],
-                     strategy=args.strategy)
-    out["gbsg2"] = {"sites": args.sites, "patients": int(len(g)), **_evaluate(summary, w, args)}
+    """Each dataset `--reps` times (new site keys, so new splits; new seeds): means and sds."""
+    out = {"what": "accuracy", "epsilon": args.epsilon, "rounds": args.rounds, "strategy": args.strategy,
+           "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
+    extra = {"server-learning-rate": args.server_lr}
+    for dataset in ("simulator", "gbsg2"):
+        reps = []
+        for rep in range(args.reps):
+            seed = args.seed + rep
+            w = Path(args.work) / f"acc-{dataset}-{rep}"
+            a = argparse.Namespace(**{**vars(args), "seed": seed})
+            if dataset == "simulator":
+                table, events = simulator_table(args.patients, args.sites, seed)
+                covariates = COVARIATES_SIM
+            else:
+                table, events = gbsg2_table(args.sites, seed), None
+                covariates = ["age", "menostat", "tsize", "tgrade", "pnodes", "progrec", "estrec"]
+            summary = _train(table, events, w, engine="simulation", rounds=args.rounds, epsilon=args.epsilon, args=a,
+                             covariates=covariates, strategy=args.strategy, extra_run_config=extra)
+            reps.append({**_evaluate(summary, w, a), "best_round": summary["models"]["fusion"]["best_round"]})
+            print(dataset, rep, {k: reps[-1][k] for k in ("federated_dp", "mean_local", "centralized")}, flush=True)
+        fed = [r["federated_dp"] for r in reps]
+        loc = [r["mean_local"] for r in reps]
+        cen = [r["centralized"] for r in reps]
+        out[dataset] = {"sites": args.sites, "patients": int(len(table)), "federated_dp": _mean_sd(fed),
+                        "mean_local": _mean_sd(loc), "centralized": _mean_sd(cen),
+                        "beats_local": bool(np.mean(fed) > np.mean(loc)),
+                        "within_0.03_of_central": bool(np.mean(fed) >= np.mean(cen) - 0.03), "runs": reps}
     return out
 
 
@@ -165,12 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--what", choices=("round-wall", "scale", "accuracy", "all"), default="all")
     ap.add_argument("--patients", type=int, default=3000)
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strategy", default="fedavg")
+    ap.add_argument("--strategy", default="fedadam")
+    ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
+    ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--scale-sites", type=int, default=100)
     ap.add_argument("--scale-patients", type=int, default=6000)

@@ -35,6 +35,7 @@ ENGINES = ("deployment", "simulation")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 STUDY_MARKER = ".evoclone-study"
 OPERATOR = "evoclone train (sponsor-operated site nodes)"
+MIN_REMAINING = 0.01  # a site with less than 1% of its epsilon budget left counts as spent
 
 
 class TrainInputError(ValueError):
@@ -186,7 +187,7 @@ def _check_budget(settings) -> None:
         ledger = store.stored()
     finally:
         store.close()
-    if ledger is not None and ledger.remaining() <= 1e-9:
+    if ledger is not None and ledger.remaining() < MIN_REMAINING * ledger.epsilon_budget:
         raise TrainInputError(f"site {settings.name}: its privacy budget (epsilon {ledger.epsilon_budget:g}) is "
                               f"already spent ({ledger.spent():.3f}); a site admin decides whether to reset it "
                               "(`evoclone site reset-budget`)")
@@ -257,6 +258,13 @@ def run_train(opts: TrainOptions, *, on_progress: Callable[[str, int, int], None
     started = time.monotonic()
     opts = replace(opts, out=opts.out.absolute())
     patients, events, names = validate(opts)
+    if opts.engine == "deployment" and not opts.insecure:
+        from .federation import ensure_pki
+
+        try:  # the study PKI (created on first use): an expired or foreign certificate stops here
+            ensure_pki(opts.study_dir / "pki", names)
+        except ValueError as exc:
+            raise TrainInputError(str(exc).splitlines()[0]) from None
     parts, covariates, arm_levels = prepare_sites(opts, patients, events, names)
     progress = on_progress or (lambda *_: None)
     manifest_extra = {"data_fingerprint": fingerprint(opts.data, opts.events),

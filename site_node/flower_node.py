@@ -63,6 +63,34 @@ def install_guard(url: str) -> None:
     sci._pull_and_store_message = guarded
 
 
+class _PollClock:
+    """`time` for Flower's SuperNode loop with its idle waits capped (Flower polls every 3 s)."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __getattr__(self, name: str):
+        import time
+
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        import time
+
+        time.sleep(min(seconds, self.cap))
+
+
+def install_poll_interval(seconds: float) -> None:
+    """Poll the SuperLink for messages every `seconds` when idle instead of every 3 s.
+
+    A round then starts on a site within about `seconds` of the coordinator sending it;
+    `EVOCLONE_NODE_POLL_SECONDS` (default 1) sets it.
+    """
+    from flwr.supernode import start_client_internal as sci
+
+    sci.time = _PollClock(seconds)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: flower-supernode's arguments; `--node-config FILE` names the site database."""
     from pathlib import Path
@@ -74,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     if i < 0 or i + 1 >= len(args) or not Path(args[i + 1]).is_file():
         raise SystemExit("error: --node-config FILE is required (written by `evoclone site node`)")
     install_guard(node_config_db(Path(args[i + 1])))
+    import os
+
+    install_poll_interval(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "1.0")))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *args]

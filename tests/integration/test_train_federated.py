@@ -187,6 +187,47 @@ def test_bad_input_is_refused_before_anything_starts(trial_csv, tmp_path):
         (["--data", str(trial_csv), "--epsilon", "0"], "--epsilon must be a positive number"),
         (["--data", str(trial_csv), "--site-column", "nope"], "no site column"),
     ]
+    # a site whose budget is already spent (an earlier study used it all)
+    from evoclone.cli.train_jobs import TrainOptions, prepare_sites, validate
+    from evoclone.federated.stores.ledger import SqlLedgerStore
+    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
+
+    spent_dir = tmp_path / "spent"
+    opts = TrainOptions(data=trial_csv, site_column="hospital", treatment="arm",
+                        outcome=OutcomeColumns(time="days", event="died"), out=tmp_path / "m", work_dir=spent_dir,
+                        batch_size=16)
+    parts, _, _ = prepare_sites(opts, *validate(opts))
+    store = SqlLedgerStore(url=parts[0].settings.db_url)
+    store.open(epsilon_budget=3.0, delta=1e-5)
+    sigma = calibrate_noise(prior=[], target_epsilon=3.0, delta=1e-5, sample_rate=0.5, steps=10)
+    store.charge(LedgerEntry(run_id="earlier", round=1, noise_multiplier=sigma * 1.0001, sample_rate=0.5, steps=10))
+    before = store.summary()
+    store.close()
+    r = subprocess.run([*base, "--data", str(trial_csv), "--batch-size", "16", "--out", str(tmp_path / "m"),
+                        "--work-dir", str(spent_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "privacy budget" in r.stderr and "already spent" in r.stderr, r.stderr
+    store = SqlLedgerStore(url=parts[0].settings.db_url)
+    assert store.summary() == before  # nothing charged
+    store.close()
+
+    # an expired SuperLink certificate in the study PKI (TLS mode)
+    from datetime import datetime, timedelta, timezone
+
+    from evoclone.privacy.pki import issue_server, new_ca
+
+    pki = tmp_path / "expired" / "pki"
+    pki.mkdir(parents=True)
+    past = datetime.now(timezone.utc) - timedelta(days=30)
+    ca_key, ca_pem = new_ca("study CA", now=past)
+    key, cert = issue_server(ca_key, ca_pem, "superlink", dns=["localhost"], ips=["127.0.0.1"], days=1, now=past)
+    for name, data in (("ca.key", ca_key), ("ca.pem", ca_pem), ("superlink.key", key), ("superlink.pem", cert)):
+        (pki / name).write_bytes(data)
+    r = subprocess.run([EVOCLONE, "train", "--site-column", "hospital", "--treatment", "arm", "--time", "days",
+                        "--event", "died", "--data", str(trial_csv), "--out", str(tmp_path / "m"),
+                        "--work-dir", str(tmp_path / "expired")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expired" in r.stderr, r.stderr
+    assert not (tmp_path / "expired" / "sites").exists()
+
     for extra, message in cases:
         work = tmp_path / f"w{len(message)}"
         r = subprocess.run([*base, *extra, "--out", str(tmp_path / "m"), "--work-dir", str(work)],
