@@ -39,6 +39,8 @@ def train(
     min_sites: Annotated[int, typer.Option(help="sites that must train for a round to count (0: all)")] = 0,
     patience: Annotated[int, typer.Option(help="early stopping: rounds without validation improvement (0: off)")] = 0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    server_eval: Annotated[Path | None, typer.Option(help="reference cohort CSV the coordinator may hold (public or "
+                                                     "synthetic, same columns): server-side evaluation every round")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="where the site nodes and coordinator state live "
                                                      "(default: .<out>.study beside --out)")] = None,
     insecure: Annotated[bool, typer.Option(help="test mode: no TLS and no node authentication")] = False,
@@ -63,7 +65,7 @@ def train(
                         id_column=id_column, model=model, rounds=rounds, epsilon=epsilon, delta=delta, engine=engine,
                         strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, learning_rate=lr,
                         members=members, min_sites=min_sites, patience=patience, seed=seed, insecure=insecure,
-                        work_dir=work_dir, force=force)
+                        work_dir=work_dir, force=force, server_eval=server_eval)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}

@@ -72,6 +72,7 @@ class TrainOptions:
     work_dir: Path | None = None
     force: bool = False
     threads: int = 1
+    server_eval: Path | None = None  # a reference cohort the coordinator may hold (never a site's rows)
     extra_run_config: dict = field(default_factory=dict)
 
     @property
@@ -265,6 +266,7 @@ def run_train(opts: TrainOptions, *, on_progress: Callable[[str, int, int], None
             ensure_pki(opts.study_dir / "pki", names)
         except ValueError as exc:
             raise TrainInputError(str(exc).splitlines()[0]) from None
+    server_eval = _server_eval(opts, _covariates(opts, patients), opts.study_dir) if opts.server_eval else None
     parts, covariates, arm_levels = prepare_sites(opts, patients, events, names)
     progress = on_progress or (lambda *_: None)
     manifest_extra = {"data_fingerprint": fingerprint(opts.data, opts.events),
@@ -286,6 +288,8 @@ def run_train(opts: TrainOptions, *, on_progress: Callable[[str, int, int], None
                 coord = study / "coordinator" / key
                 rc = run_config(opts, model, out_dir=coord, covariates=covariates, sites=len(parts),
                                 manifest_extra=manifest_extra, run_key=key)
+                if server_eval is not None:
+                    rc["server-eval"] = str(server_eval)
                 results[model] = fed.train(rc, coord, rounds=opts.rounds,
                                            on_round=lambda done, total, m=model: progress(m, done, total))
     finally:
@@ -301,6 +305,28 @@ def run_train(opts: TrainOptions, *, on_progress: Callable[[str, int, int], None
                "wall_seconds": round(time.monotonic() - started, 1)}
     (opts.out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _server_eval(opts: TrainOptions, covariates: list[str], study: Path) -> Path:
+    """The reference cohort as a snapshot in the coordinator's directory (same columns as --data)."""
+    from evoclone.federated.snapshot import write_snapshot
+    from evoclone.federated.tabular import EVENT_ID, records_from_frames
+
+    try:
+        ref = pd.read_csv(opts.server_eval)
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TrainInputError(f"--server-eval {opts.server_eval}: not a readable CSV ({exc})") from None
+    ref = ref.drop(columns=[opts.site_column], errors="ignore")
+    try:
+        table = records_from_frames(ref, None, treatment=opts.treatment, outcome=opts.outcome, covariates=covariates,
+                                    id_column=opts.id_column or (EVENT_ID if EVENT_ID in ref.columns else None),
+                                    site="coordinator", source=str(opts.server_eval))
+    except ValueError as exc:
+        raise TrainInputError(str(exc).splitlines()[0]) from None
+    path = study / "coordinator" / "server-eval.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_snapshot(path, table.records, site="coordinator")
+    return path
 
 
 def _merge_model_dir(src: Path, dst: Path) -> None:

@@ -280,6 +280,7 @@ def main(grid: Grid, context: Context) -> None:
             start, state = resumed
         study.persist()
         strategy = make_strategy(rc, min_nodes)
+        reference = _reference(task, rc, study.vocabulary)
         cfg = ConfigRecord({"vocabulary": json.dumps(study.vocabulary), "planned-rounds": rounds})
         done = start
         for server_round in range(start + 1, rounds + 1):
@@ -293,6 +294,9 @@ def main(grid: Grid, context: Context) -> None:
                 continue
             state = new_state
             done = server_round
+            if reference is not None:  # server-side evaluation on the coordinator's reference set
+                ev = task.validate(study.vocabulary, state, reference)
+                record["server_val_loss"], record["server_val_metric"] = ev["val-loss"], ev["val-metric"]
             task.save(study.round_dir(server_round), state, study.vocabulary,
                       {"round": server_round, "run_key": study.key, "metrics": {"train_loss": record["train_loss"]}})
             study.checkpoint(server_round, state)
@@ -316,6 +320,20 @@ def main(grid: Grid, context: Context) -> None:
         study.status, study.error = "failed", str(exc)
         study.persist()
         raise
+
+
+def _reference(task, rc, vocabulary: dict):
+    """The encoded reference set for server-side evaluation (run config server-eval), if any.
+
+    It is data the coordinator may hold (a public or synthetic cohort, never a site's rows),
+    written as a snapshot by `evoclone train --server-eval`.
+    """
+    path = str(rc.get("server-eval", ""))
+    if not path:
+        return None
+    from ..snapshot import read_snapshot
+
+    return task.encode_reference(read_snapshot(Path(path))[0], vocabulary)
 
 
 def _stalled(rounds: list[dict], patience: int, min_delta: float) -> bool:

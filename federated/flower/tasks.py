@@ -98,6 +98,10 @@ class FusionTask:
         arrays = encode_cohort(records, FeatureSpec.from_dict(vocab["spec"]))
         return {split: subset(arrays, split, self.endpoint) for split in ("train", "val")}
 
+    def encode_reference(self, records: list[PatientRecord], vocab: dict) -> dict:
+        """Every record as validation data (the coordinator's reference set for server-side evaluation)."""
+        return {"val": subset(encode_cohort(records, FeatureSpec.from_dict(vocab["spec"])), None, self.endpoint)}
+
     def examples(self, data: dict) -> int:
         return len(data["train"]["static"])
 
@@ -185,6 +189,16 @@ class GeneratorTask:
                 recs = [records[i] for i in split[name] if records[i].arm is not None]
                 out[name] = encode_records(tok, recs)[0]
         return out
+
+    def encode_reference(self, records: list[PatientRecord], vocab: dict) -> dict:
+        """Every record with an arm as validation data (server-side evaluation)."""
+        import warnings
+
+        from ..generator_training import encode_records
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {"val": encode_records(self._tok(vocab), [r for r in records if r.arm is not None])[0]}
 
     def examples(self, data: dict) -> int:
         return len(data["train"])

@@ -315,7 +315,7 @@ def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(tr
     opts = TrainOptions(data=trial_csv, site_column="hospital", treatment="arm",
                         outcome=OutcomeColumns(time="days", event="died"), out=tmp_path / "model",
                         work_dir=tmp_path / "study", model="both", rounds=5, batch_size=16, engine="simulation",
-                        strategy="fedprox", patience=1,
+                        strategy="fedprox", patience=1, server_eval=trial_csv,
                         # no round can improve by 100 nats: stops once two rounds are validated
                         extra_run_config={"min-delta": 100.0, "gpt-max-len": 64})
     summary = run_train(opts)
@@ -324,6 +324,7 @@ def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(tr
         assert [x["round"] for x in r["rounds"]] == [1, 2, 3], model
         assert "early stopping after round 3" in r["note"]
         assert all(x["trained"] == 3 for x in r["rounds"])
+        assert all(x["server_val_loss"] > 0 for x in r["rounds"])  # server-side evaluation every round
     ensemble, spec, entry = load_ensemble(opts.out)
     assert entry["training"] == "federated_dp_fedprox" and entry["best_round"] in (1, 2, 3)
     model, tok, gen_entry = load_generator(opts.out)
