@@ -43,6 +43,8 @@ def train(
                                                      "synthetic, same columns): server-side evaluation every round")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="where the site nodes and coordinator state live "
                                                      "(default: .<out>.study beside --out)")] = None,
+    secure_aggregation: Annotated[bool, typer.Option(help="SecAgg+: the coordinator sees only the sites' mean "
+                                                          "update, never one site's")] = False,
     insecure: Annotated[bool, typer.Option(help="test mode: no TLS and no node authentication")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing model directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
@@ -65,7 +67,8 @@ def train(
                         id_column=id_column, model=model, rounds=rounds, epsilon=epsilon, delta=delta, engine=engine,
                         strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, learning_rate=lr,
                         members=members, min_sites=min_sites, patience=patience, seed=seed, insecure=insecure,
-                        work_dir=work_dir, force=force, server_eval=server_eval)
+                        work_dir=work_dir, force=force, server_eval=server_eval,
+                        secure_aggregation=secure_aggregation)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}

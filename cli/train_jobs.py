@@ -73,6 +73,7 @@ class TrainOptions:
     force: bool = False
     threads: int = 1
     server_eval: Path | None = None  # a reference cohort the coordinator may hold (never a site's rows)
+    secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the weighted mean update
     extra_run_config: dict = field(default_factory=dict)
 
     @property
@@ -108,6 +109,9 @@ def validate(opts: TrainOptions) -> tuple[pd.DataFrame, pd.DataFrame | None, lis
         raise TrainInputError(f"--engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
     if opts.strategy not in STRATEGIES:
         raise TrainInputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {opts.strategy!r}")
+    if opts.secure_aggregation and opts.strategy == "fedadam":
+        raise TrainInputError("--secure-aggregation runs with --strategy fedavg or fedprox (FedAdam's server "
+                              "optimizer is not applied to the masked sum in this release)")
     if not (opts.epsilon > 0 and math.isfinite(opts.epsilon)):
         raise TrainInputError(f"--epsilon must be a positive number, got {opts.epsilon}")
     if not 0 < opts.delta < 1:
@@ -243,7 +247,8 @@ def run_config(opts: TrainOptions, model: str, *, out_dir: Path, covariates: lis
           "seed": opts.seed, "endpoint": opts.outcome.endpoint, "members": opts.members,
           "covariates": json.dumps(covariates), "min-nodes": opts.min_sites or sites, "expected-nodes": sites,
           "round-timeout": float(opts.round_timeout), "patience": opts.patience, "threads-per-node": opts.threads,
-          "run-key": run_key, "manifest-extra": json.dumps(manifest_extra), "out-dir": str(out_dir)}
+          "run-key": run_key, "manifest-extra": json.dumps(manifest_extra), "out-dir": str(out_dir),
+          "secure-aggregation": bool(opts.secure_aggregation)}
     rc.update(opts.extra_run_config)
     return rc
 

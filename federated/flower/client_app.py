@@ -16,15 +16,27 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .common import STATUS_OK, STATUS_REFUSED, node_settings, run_key
 
-app = ClientApp()
+
+def _secure_aggregation_or_plain(msg: Message, ctxt: Context, call_next):
+    """Flower's SecAgg+ client protocol for runs with secure aggregation, the plain path otherwise."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp(mods=[_secure_aggregation_or_plain])
 
 
 def _records(node: dict):
@@ -90,21 +102,79 @@ class _Cache:
             p.unlink(missing_ok=True)
 
 
+@dataclass
+class RoundResult:
+    """What one training round at this site produced (encoded into a reply by the caller)."""
+
+    ok: bool
+    ledger: object
+    state: dict | None = None
+    metrics: dict | None = None
+    reason: str = ""
+
+
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local DP-SGD, charged to the site's privacy ledger once."""
+    """One round of local DP-SGD, charged to the site's privacy ledger once.
+
+    Plain runs get the trained weights back; SecAgg+ runs (legacy FitIns inside Flower's
+    protocol) get the update (local - global), which Flower's mod masks before it leaves.
+    """
     from ..stores.ledger import SqlLedgerStore
 
     torch.set_num_threads(int(context.run_config.get("threads-per-node", 1)))
     node = node_settings(context)
     store = SqlLedgerStore(url=node["ledger"])
     try:
-        return _train(msg, context, node, store)
+        if "fitins.parameters" in msg.content.array_records:
+            return _train_secure(msg, context, node, store)
+        cfg = msg.content["config"]
+        result = _round(cfg, lambda: msg.content["arrays"].to_torch_state_dict(), context, node, store)
+        if not result.ok:
+            return _refusal(msg, node, result.ledger, result.reason)
+        return _reply(msg, node, result.state, result.metrics, result.ledger)
     finally:
         store.close()
 
 
-def _train(msg: Message, context: Context, node: dict, store) -> Message:
+def _train_secure(msg: Message, context: Context, node: dict, store) -> Message:
+    from flwr.common import FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import Code as FlwrCode
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    from .tasks import task_for
+
+    fitins = msg.content
+    cfg = fitins.config_records["fitins.config"]
+    vocab = json.loads(str(cfg["vocabulary"]))
+    names = list(task_for(context.run_config).initial_state(vocab))  # the model's key order
+    arrays = parameters_to_ndarrays(_parameters(fitins))
+    incoming = {k: torch.from_numpy(a.copy()) for k, a in zip(names, arrays)}
+    result = _round(cfg, lambda: incoming, context, node, store)
+    if result.ok:
+        update = [(result.state[k].detach().cpu() - incoming[k]).numpy() for k in names]
+        metrics = {k: v for k, v in result.metrics.items()}
+        n = int(metrics["num-examples"])
+    else:  # a refusing site still completes the protocol, with weight 0: it adds nothing to the sum
+        update = [a * 0 for a in arrays]
+        metrics = {"epsilon": result.ledger.spent() if result.ledger else 0.0, "reason": result.reason}
+        n = 0
+    metrics.update(site=node["site"], status=STATUS_OK if result.ok else STATUS_REFUSED,
+                   **{"epsilon-budget": result.ledger.epsilon_budget, "delta": result.ledger.delta})
+    res = FitRes(status=Status(code=FlwrCode.OK, message=""), parameters=ndarrays_to_parameters(update),
+                 num_examples=n, metrics=metrics)
+    return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _parameters(content: RecordDict):
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+
+    return arrayrecord_to_parameters(content.array_records["fitins.parameters"], keep_input=True)
+
+
+def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundResult:
     # Opacus and the models are imported only where used: query/evaluate start faster
     from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
 
@@ -113,13 +183,12 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
     from .tasks import dp_settings, task_for, train_config
 
     rc = context.run_config
-    cfg = msg.content["config"]
     server_round = int(cfg["server-round"])
     key = run_key(context)
     try:
         ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
     except LedgerMismatchError as exc:  # report what the stored ledger says, not the request
-        return _refusal(msg, node, store.stored(), str(exc))
+        return RoundResult(False, store.stored(), reason=str(exc))
     cache = _Cache(node["state_dir"], key, server_round)
     kept = cache.load()
     if kept is not None:  # this round was trained before (coordinator restarted): same update, one charge
@@ -128,8 +197,8 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
             meta["metrics"]["epsilon"] = store.charge(LedgerEntry(run_id=key, round=server_round, **meta["charge"]))
         except ValueError as exc:
             cache.drop()
-            return _refusal(msg, node, ledger, str(exc))
-        return _reply(msg, node, state, meta["metrics"], ledger)
+            return RoundResult(False, ledger, reason=str(exc))
+        return RoundResult(True, ledger, state, meta["metrics"])
 
     task = task_for(rc)
     vocab = json.loads(str(cfg["vocabulary"]))
@@ -137,7 +206,8 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
     n = task.examples(data)
     tcfg = train_config(rc, seed_offset=server_round, proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     if n < tcfg.batch_size:
-        return _refusal(msg, node, ledger, f"only {n} training examples, fewer than the batch size {tcfg.batch_size}")
+        return RoundResult(False, ledger, reason=f"only {n} training examples, fewer than the batch size "
+                                                 f"{tcfg.batch_size}")
     per_round = task.steps(n, tcfg)
     q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
     sigma = store.plan(run_id=key)
@@ -148,11 +218,11 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
             planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
                                       sample_rate=q, steps=per_round * rounds, accountant=ledger.accountant)
         except ValueError as exc:
-            return _refusal(msg, node, ledger, str(exc))
+            return RoundResult(False, ledger, reason=str(exc))
         sigma = store.set_plan(run_id=key, noise_multiplier=planned)
     if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=per_round):
-        return _refusal(msg, node, ledger, "round does not fit the remaining privacy budget")
-    incoming = msg.content["arrays"].to_torch_state_dict()
+        return RoundResult(False, ledger, reason="round does not fit the remaining privacy budget")
+    incoming = incoming_state()
     # validating the incoming global model here spares a separate evaluate message (and a
     # ClientApp start) in every round but the last
     validation = task.validate(vocab, incoming, data)
@@ -169,28 +239,9 @@ def _train(msg: Message, context: Context, node: dict, store) -> Message:
         metrics["epsilon"] = store.charge(LedgerEntry(run_id=key, round=server_round, **charge))
     except ValueError as exc:
         cache.drop()
-        return _refusal(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
-                                              accountant=ledger.accountant), str(exc))
-    return _reply(msg, node, state, metrics, ledger)
-
-
-def _reply(msg: Message, node: dict, state: dict[str, torch.Tensor], metrics: dict, ledger) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
-        "site": _reply_site(node, STATUS_OK),
-        "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
-    })
-    return Message(content=content, reply_to=msg)
-
-
-def _refusal(msg: Message, node: dict, ledger, reason: str) -> Message:
-    content = RecordDict({
-        "metrics": MetricRecord({"num-examples": 0, "epsilon": ledger.spent()}),
-        "site": _reply_site(node, STATUS_REFUSED, reason),
-        "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
-    })
-    return Message(content=content, reply_to=msg)
+        return RoundResult(False, store.open(epsilon_budget=node["budget"], delta=node["delta"],
+                                             accountant=ledger.accountant), reason=str(exc))
+    return RoundResult(True, ledger, state, metrics)
 
 
 @app.evaluate()

@@ -332,3 +332,32 @@ def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(tr
     for s in summary["sites"]:  # two models, three rounds each, half the budget each
         ledger = _ledger(opts.study_dir / "sites" / s["name"])
         assert len(ledger["charges"]) == 6 and ledger["epsilon_spent"] <= opts.epsilon + 1e-9
+
+
+def test_secure_aggregation_gives_the_weighted_mean_of_the_sites_updates(trial_csv, tmp_path):
+    """SecAgg+ (Flower's protocol) with DP-SGD: the coordinator's aggregate is the examples-weighted
+    mean of the sites' DP updates (each site keeps its own), recovered from masked vectors only."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evoclone.cli.train_jobs import TrainOptions, run_train
+
+    opts = TrainOptions(data=trial_csv, site_column="hospital", treatment="arm",
+                        outcome=OutcomeColumns(time="days", event="died"), out=tmp_path / "model",
+                        work_dir=tmp_path / "study", rounds=1, batch_size=16, engine="simulation",
+                        secure_aggregation=True)
+    summary = run_train(opts)
+    fusion = summary["models"]["fusion"]
+    assert fusion["rounds"][0]["secure_aggregation"] == "secagg+" and fusion["rounds"][0]["trained"] == 3
+    weights = {p["site"]: p["examples"] for p in fusion["rounds"][0]["participation"]}
+    kept = {s: load_file(str(next((opts.study_dir / "sites" / s / "flower-updates").glob("*.1.safetensors"))))
+            for s in weights}
+    total = sum(weights.values())
+    aggregate = load_file(str(opts.study_dir / "coordinator" / fusion["run_key"] / "models" / "round-1" / "predictor.safetensors"))
+    for name, value in aggregate.items():
+        mean = sum(kept[s][name].double() * (w / total) for s, w in weights.items())
+        assert torch.allclose(value.double(), mean, atol=1e-4), name
+    with pytest.raises(Exception, match="fedavg or fedprox"):
+        from dataclasses import replace
+
+        run_train(replace(opts, strategy="fedadam", out=tmp_path / "m2", work_dir=tmp_path / "s2"))
