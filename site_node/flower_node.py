@@ -91,6 +91,23 @@ def install_poll_interval(seconds: float) -> None:
     sci.time = _PollClock(seconds)
 
 
+def start_zygote() -> None:
+    """Start the warm ClientApp zygote and put its shim first on this process's PATH."""
+    import os
+    import shutil
+    import subprocess
+
+    from .clientapp_zygote import prepare
+
+    real = shutil.which("flwr-clientapp")
+    if real is None:
+        return
+    sock, env = prepare(real)
+    os.environ.update(env)
+    subprocess.Popen([sys.executable, "-m", "evoclone.site_node.clientapp_zygote", str(sock), str(os.getpid())],
+                     stdin=subprocess.DEVNULL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: flower-supernode's arguments; `--node-config FILE` names the site database."""
     from pathlib import Path
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     install_poll_interval(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "1.0")))
+    if os.environ.get("EVOCLONE_CLIENTAPP_ZYGOTE", "1") != "0":
+        start_zygote()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *args]

@@ -244,6 +244,26 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     return RoundResult(True, ledger, state, metrics)
 
 
+def _reply(msg: Message, node: dict, state: dict[str, torch.Tensor], metrics: dict, ledger) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
+        "site": _reply_site(node, STATUS_OK),
+        "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _refusal(msg: Message, node: dict, ledger, reason: str) -> Message:
+    content = RecordDict({
+        "metrics": MetricRecord({"num-examples": 0, "epsilon": ledger.spent() if ledger else 0.0}),
+        "site": _reply_site(node, STATUS_REFUSED, reason),
+        "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget if ledger else node["budget"],
+                                 "delta": ledger.delta if ledger else node["delta"]}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the global model on the site's own validation split.

@@ -1,0 +1,156 @@
+"""A warm process that starts the site's ClientApp processes with the heavy modules already imported.
+
+Flower's SuperNode starts a new `flwr-clientapp` process for every message; importing
+torch, Opacus and the models costs that process about four CPU-seconds, paid by every site
+in every round. The guarded SuperNode (`flower_node`) therefore starts this zygote, which
+imports them once and forks a ClientApp for each request, and puts a tiny
+`flwr-clientapp` shim first on the SuperNode's PATH: the shim hands its arguments,
+environment, working directory and standard streams to the zygote over a private Unix
+socket (mode 0600 in a 0700 directory) and exits. Without the zygote (not started yet, or
+gone) the shim runs Flower's own `flwr-clientapp`, so nothing depends on it. This is the
+forkserver technique (Python's multiprocessing, gunicorn's preload): the zygote runs no
+torch computation, so nothing thread-related is forked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+PRELOAD = ("torch", "opacus", "flwr.supernode.cli.flwr_clientapp", "evoclone.federated.flower.client_app",
+           "evoclone.federated.flower.tasks", "evoclone.federated.training", "evoclone.federated.predictor",
+           "evoclone.federated.stores.ledger", "evoclone.privacy.accounting", "safetensors.torch")
+SOCKET_ENV = "EVOCLONE_CLIENTAPP_ZYGOTE"
+REAL_ENV = "EVOCLONE_REAL_CLIENTAPP"
+
+SHIM = '''#!{python} -S
+# flwr-clientapp shim written by evoclone: fork the ClientApp from the site's warm zygote
+import json, os, socket, struct, sys
+real = os.environ.get("{real_env}", "")
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(os.environ["{socket_env}"])
+    doc = json.dumps({{"argv": ["flwr-clientapp", *sys.argv[1:]], "env": dict(os.environ),
+                      "cwd": os.getcwd()}}).encode()
+    socket.send_fds(s, [struct.pack("!I", len(doc)) + doc], [0, 1, 2])
+    if not s.recv(16):
+        raise OSError("the zygote did not start the ClientApp")
+except (OSError, KeyError):
+    os.execv(real, [real, *sys.argv[1:]])
+'''
+
+
+def prepare(real_clientapp: str) -> tuple[Path, dict[str, str]]:
+    """A private directory with the shim; returns (socket path, environment additions for the SuperNode)."""
+    d = Path(tempfile.mkdtemp(prefix="evoclone-zyg-"))  # short path: Unix socket paths are limited to 107 bytes
+    shim = d / "flwr-clientapp"
+    shim.write_text(SHIM.format(python=sys.executable, real_env=REAL_ENV, socket_env=SOCKET_ENV))
+    shim.chmod(0o755)
+    sock = d / "zygote.sock"
+    env = {SOCKET_ENV: str(sock), REAL_ENV: real_clientapp,
+           "PATH": f"{d}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return sock, env
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+    (size,) = struct.unpack("!I", msg[:4])
+    body = msg[4:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise OSError("truncated request")
+        body += chunk
+    return json.loads(body), list(fds)
+
+
+def _run_child(req: dict, fds: list[int]) -> None:
+    """In the forked child: become the requested flwr-clientapp process."""
+    code = 1
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.argv = list(req["argv"])
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        flwr_clientapp()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 (a child must always exit through os._exit)
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(sock_path: Path, parent_pid: int) -> None:
+    """Preload, then fork a ClientApp per request while the SuperNode (parent) lives."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+    def reap(_signum, _frame) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    signal.signal(signal.SIGCHLD, reap)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(str(sock_path))
+    finally:
+        os.umask(old)
+    srv.listen(16)
+    srv.settimeout(1.0)
+    try:
+        while os.getppid() == parent_pid:
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, InterruptedError):
+                continue
+            with conn:
+                conn.settimeout(10.0)
+                try:
+                    req, fds = _recv_request(conn)
+                except (OSError, ValueError):
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    srv.close()
+                    _run_child(req, fds)
+                for fd in fds:
+                    os.close(fd)
+                try:
+                    conn.sendall(str(pid).encode())
+                except OSError:
+                    pass
+    finally:
+        srv.close()
+        sock_path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), int(sys.argv[2]))
