@@ -30,6 +30,7 @@ PRELOAD = ("torch", "opacus", "flwr.supernode.cli.flwr_clientapp", "evoclone.fed
            "evoclone.federated.stores.ledger", "evoclone.privacy.accounting", "safetensors.torch")
 SOCKET_ENV = "EVOCLONE_CLIENTAPP_ZYGOTE"
 REAL_ENV = "EVOCLONE_REAL_CLIENTAPP"
+CHILD_ENV = "EVOCLONE_ZYGOTE_CHILD"  # set in every ClientApp forked from the zygote
 
 SHIM = '''#!{python} -S
 # flwr-clientapp shim written by evoclone: fork the ClientApp from the site's warm zygote
@@ -83,6 +84,7 @@ def _run_child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
+        os.environ[CHILD_ENV] = "1"
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.argv = list(req["argv"])
@@ -106,6 +108,9 @@ def serve(sock_path: Path, parent_pid: int) -> None:
     """Preload, then fork a ClientApp per request while the SuperNode (parent) lives."""
     for name in PRELOAD:
         importlib.import_module(name)
+    from .flower_tuning import apply_backoffs
+
+    apply_backoffs()
 
     def reap(_signum, _frame) -> None:
         while True:
@@ -153,4 +158,6 @@ def serve(sock_path: Path, parent_pid: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), int(sys.argv[2]))
+    from evoclone.site_node.clientapp_zygote import serve as _serve  # the package's module, not __main__
+
+    _serve(Path(sys.argv[1]), int(sys.argv[2]))

@@ -63,34 +63,6 @@ def install_guard(url: str) -> None:
     sci._pull_and_store_message = guarded
 
 
-class _PollClock:
-    """`time` for Flower's SuperNode loop with its idle waits capped (Flower polls every 3 s)."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def __getattr__(self, name: str):
-        import time
-
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        import time
-
-        time.sleep(min(seconds, self.cap))
-
-
-def install_poll_interval(seconds: float) -> None:
-    """Poll the SuperLink for messages every `seconds` when idle instead of every 3 s.
-
-    A round then starts on a site within about `seconds` of the coordinator sending it;
-    `EVOCLONE_NODE_POLL_SECONDS` (default 1) sets it.
-    """
-    from flwr.supernode import start_client_internal as sci
-
-    sci.time = _PollClock(seconds)
-
-
 def start_zygote() -> None:
     """Start the warm ClientApp zygote and put its shim first on this process's PATH."""
     import os
@@ -121,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     install_guard(node_config_db(Path(args[i + 1])))
     import os
 
-    install_poll_interval(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "1.0")))
+    from .flower_tuning import apply_supernode
+
+    apply_supernode()
     if os.environ.get("EVOCLONE_CLIENTAPP_ZYGOTE", "1") != "0":
         start_zygote()
     from flwr.supernode.cli.flower_supernode import flower_supernode

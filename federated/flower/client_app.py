@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .common import STATUS_OK, STATUS_REFUSED, node_settings, run_key
+from .packing import pack, unpack
 
 
 def _secure_aggregation_or_plain(msg: Message, ctxt: Context, call_next):
@@ -124,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     """
     from ..stores.ledger import SqlLedgerStore
 
+    started = time.time()
     torch.set_num_threads(int(context.run_config.get("threads-per-node", 1)))
     node = node_settings(context)
     store = SqlLedgerStore(url=node["ledger"])
@@ -131,9 +133,12 @@ def train(msg: Message, context: Context) -> Message:
         if "fitins.parameters" in msg.content.array_records:
             return _train_secure(msg, context, node, store)
         cfg = msg.content["config"]
-        result = _round(cfg, lambda: msg.content["arrays"].to_torch_state_dict(), context, node, store)
+        result = _round(cfg, lambda: unpack(msg.content["arrays"], str(cfg["layout"])), context, node, store)
         if not result.ok:
             return _refusal(msg, node, result.ledger, result.reason)
+        # how long the message took from the coordinator to this code (delivery + process start)
+        result.metrics["start-latency-seconds"] = max(0.0, started - msg.metadata.created_at)
+        result.metrics["warm-start"] = int(os.environ.get("EVOCLONE_ZYGOTE_CHILD") == "1")
         return _reply(msg, node, result.state, result.metrics, result.ledger)
     finally:
         store.close()
@@ -246,7 +251,7 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
 
 def _reply(msg: Message, node: dict, state: dict[str, torch.Tensor], metrics: dict, ledger) -> Message:
     content = RecordDict({
-        "arrays": ArrayRecord(state),
+        "arrays": pack(state),
         "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
         "site": _reply_site(node, STATUS_OK),
         "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget, "delta": ledger.delta}),
@@ -281,7 +286,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     task = task_for(rc)
     vocab = json.loads(str(msg.content["config"]["vocabulary"]))
     data = task.encode(_records(node), vocab)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = unpack(msg.content["arrays"], str(msg.content["config"]["layout"]))
     metrics = task.validate(vocab, state, data)
     metrics["num-examples"] = metrics["val-examples"]
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _reply_site(node, STATUS_OK)})

@@ -25,10 +25,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .common import STATUS_OK, run_key
+from .packing import layout_of, pack, unpack
 
 app = ServerApp()
 CHECKPOINT = "checkpoint.json"
@@ -183,7 +184,7 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
                  min_nodes: int, timeout: float, join_timeout: float):
     _wait_nodes(grid, min_nodes, join_timeout)
     t0 = time.monotonic()
-    msgs = list(strategy.configure_train(server_round, ArrayRecord(state), cfg, grid))
+    msgs = list(strategy.configure_train(server_round, pack(state), cfg, grid))
     replies = send_and_receive(grid, msgs, timeout=timeout)
     answered = {m.metadata.src_node_id for m in replies}
     participation, accepted = [], []
@@ -205,6 +206,8 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
             entry["reason"] = str(site["reason"])
         if entry["status"] == STATUS_OK:
             entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
+                         start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
+                         warm_start=bool(m.get("warm-start", 0)),
                          val_examples=int(m["val-examples"]),
                          val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
                          val_metric_weight=int(m["val-metric-weight"]))
@@ -229,10 +232,11 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
         study.rounds.append(record)
         return None, record
     arrays, _ = strategy.aggregate_train(server_round, accepted)
+    new_state = {k: v.to(state[k].dtype) for k, v in unpack(arrays, str(cfg["layout"])).items()}
     record["status"] = "aggregated"
     record["wall_seconds"] = time.monotonic() - t0  # messages out, local training, replies in, aggregation
     study.rounds.append(record)
-    return arrays.to_torch_state_dict(), record
+    return new_state, record
 
 
 def _train_round_secure(study: Study, grid: Grid, context: Context, state, server_round: int, cfg: ConfigRecord, *,
@@ -302,6 +306,8 @@ def _train_round_secure(study: Study, grid: Grid, context: Context, state, serve
                  "examples": int(res.num_examples), "epsilon_spent": float(m.get("epsilon", 0.0))}
         if entry["status"] == STATUS_OK:
             entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
+                         start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
+                         warm_start=bool(m.get("warm-start", 0)),
                          val_examples=int(m["val-examples"]), val_loss=float(m["val-loss"]),
                          val_metric=float(m["val-metric"]), val_metric_weight=int(m["val-metric-weight"]))
         else:
@@ -346,7 +352,7 @@ def _evaluate(grid: Grid, state, cfg: ConfigRecord, timeout: float) -> dict:
     from ..summaries import NumericSummary
 
     nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"arrays": ArrayRecord(state), "config": cfg}), dst_node_id=nid,
+    msgs = [Message(RecordDict({"arrays": pack(state), "config": cfg}), dst_node_id=nid,
                     message_type=MessageType.EVALUATE) for nid in nodes]
     replies = [m for m in send_and_receive(grid, msgs, timeout=timeout) if not m.has_error()]
     ms = [m.content.metric_records["metrics"] for m in replies]
@@ -395,7 +401,8 @@ def main(grid: Grid, context: Context) -> None:
             raise StudyError("secure aggregation (SecAgg+) runs with fedavg or fedprox in this release; "
                              "FedAdam's server optimizer is not applied to the masked sum")
         reference = _reference(task, rc, study.vocabulary)
-        cfg = ConfigRecord({"vocabulary": json.dumps(study.vocabulary), "planned-rounds": rounds})
+        cfg = ConfigRecord({"vocabulary": json.dumps(study.vocabulary), "planned-rounds": rounds,
+                            "layout": layout_of(state)})
         done = start
         for server_round in range(start + 1, rounds + 1):
             if secure:
@@ -425,7 +432,8 @@ def main(grid: Grid, context: Context) -> None:
         final = study.round_dir(done) if done else None
         if final is not None:
             ev = _evaluate(grid, state, ConfigRecord({"vocabulary": json.dumps(study.vocabulary),
-                                                      "min-count": int(rc["min-count"])}), timeout)
+                                                      "min-count": int(rc["min-count"]),
+                                                      "layout": layout_of(state)}), timeout)
             last = next(r for r in study.rounds if r["round"] == done)
             last["val_loss"], last["val_metric"] = ev["val_loss"], ev["val_metric"]
             _finish(study, task, rc, ev, metric=METRICS.get(str(rc["endpoint"]), "perplexity")

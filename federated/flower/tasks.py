@@ -22,7 +22,7 @@ from ..summaries import DataSummary, horizon
 from ..trainer import DPSettings, TrainConfig, TrainResult, steps_per_epoch
 from ..training import subset
 
-from ..predictor import METRICS, RISK_DEFINITIONS  # noqa: E402
+from ..predictor import RISK_DEFINITIONS  # noqa: E402
 
 
 def train_config(rc: Mapping, *, seed_offset: int = 0, proximal_mu: float = 0.0) -> TrainConfig:
@@ -135,7 +135,6 @@ class FusionTask:
 
     def save(self, out: Path, state: dict[str, torch.Tensor], vocab: dict, extra: dict) -> None:
         from ..artifacts import save_component
-        from ..predictor import FusionEnsemble
 
         ens = self._ensemble(vocab, state)
         meta = ens.meta()

@@ -52,6 +52,8 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tmp_path):
     assert [s["name"] for s in summary["sites"]] == ["h1", "h2", "h3"]
     fusion = summary["models"]["fusion"]
     assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
+    # from round 2 on, every site's ClientApp was forked from its SuperNode's warm zygote
+    assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
     for s in summary["sites"]:
         assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
         ledger = _ledger(work / "sites" / s["name"])  # one charge per round, same total
