@@ -370,7 +370,8 @@ def _evaluate(grid: Grid, state, cfg: ConfigRecord, timeout: float) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) one study run; see the module docstring."""
-    from .tasks import METRICS, task_for
+    from ..predictor import METRICS
+    from .tasks import task_for
 
     rc = context.run_config
     if not str(rc["out-dir"]):

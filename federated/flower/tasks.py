@@ -21,8 +21,7 @@ from ..record import PatientRecord
 from ..summaries import DataSummary, horizon
 from ..trainer import DPSettings, TrainConfig, TrainResult, steps_per_epoch
 from ..training import subset
-
-from ..predictor import RISK_DEFINITIONS  # noqa: E402
+from ..predictor import RISK_DEFINITIONS
 
 
 def train_config(rc: Mapping, *, seed_offset: int = 0, proximal_mu: float = 0.0) -> TrainConfig:
