@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--scale-sites", type=int, default=100)
-    ap.add_argument("--scale-patients", type=int, default=6000)
+    ap.add_argument("--scale-patients", type=int, default=8000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--work", default="bench-out/federated")
     ap.add_argument("--json", type=Path)

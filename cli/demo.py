@@ -116,7 +116,9 @@ def run_config(opts: DemoOptions, coordinator_dir: Path) -> dict:
     """The Flower run config for this demo (every other tunable keeps the app's default)."""
     return {"num-server-rounds": opts.rounds, "target-epsilon": float(opts.epsilon), "delta": float(opts.delta),
             "seed": opts.seed, "local-epochs": opts.local_epochs, "min-nodes": opts.sites,
-            "expected-nodes": opts.sites, "out-dir": str(coordinator_dir.resolve())}
+            "expected-nodes": opts.sites, "out-dir": str(coordinator_dir.resolve()),
+            # every site must have a full batch of training patients (small demos: 16)
+            "batch-size": 32 if opts.patients // opts.sites >= 100 else 16}
 
 
 def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
@@ -185,9 +187,10 @@ def run_demo(opts: DemoOptions, *, console: Console) -> dict:
 
             outcome = link.submit(run_config=run_config(opts, coordinator_dir), timeout=opts.run_timeout, on_poll=show_rounds)
             show_rounds()
-            if not outcome.ok:
-                raise RuntimeError(f"federated run {outcome.run_id} ended {outcome.status}: {outcome.details[:300]}; "
-                                   f"see {out / 'logs'}")
+            doc = json.loads(rounds_file.read_text()) if rounds_file.is_file() else {}
+            if not outcome.ok or doc.get("status") != "completed":
+                why = doc.get("error") or outcome.details[:300] or outcome.status
+                raise RuntimeError(f"federated run {outcome.run_id} ended {outcome.status}: {why}; see {out / 'logs'}")
             group.stop()
 
             task = progress.add_task("evaluating federated vs centralized vs local-only", total=opts.sites + 2)
