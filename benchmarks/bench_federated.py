@@ -101,8 +101,9 @@ def round_wall(args) -> dict:
 def scale(args) -> dict:
     table, _ = simulator_table(args.scale_patients, args.scale_sites, args.seed)
     t0 = time.perf_counter()
+    a = argparse.Namespace(**{**vars(args), "batch": args.scale_batch})
     summary = _train(table, None, Path(args.work) / "scale", engine="simulation", rounds=5, epsilon=args.epsilon,
-                     args=args, covariates=[c for c in COVARIATES_SIM])
+                     args=a, covariates=COVARIATES_SIM)
     wall = time.perf_counter() - t0
     rounds = summary["models"]["fusion"]["rounds"]
     return {"what": "scale", "sites": args.scale_sites, "patients": args.scale_patients, "rounds": len(rounds),
@@ -158,7 +159,8 @@ def accuracy(args) -> dict:
         for rep in range(args.reps):
             seed = args.seed + rep
             w = Path(args.work) / f"acc-{dataset}-{rep}"
-            a = argparse.Namespace(**{**vars(args), "seed": seed})
+            a = argparse.Namespace(**{**vars(args), "seed": seed,
+                                      "batch": args.batch if dataset == "simulator" else args.gbsg2_batch})
             if dataset == "simulator":
                 table, events = simulator_table(args.patients, args.sites, seed)
                 covariates = COVARIATES_SIM
@@ -184,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--what", choices=("round-wall", "scale", "accuracy", "all"), default="all")
     ap.add_argument("--patients", type=int, default=3000)
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epsilon", type=float, default=3.0)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128, help="DP batch size (simulator sites)")
+    ap.add_argument("--gbsg2-batch", type=int, default=64, help="DP batch size on GBSG2 (about 150 patients a site)")
     ap.add_argument("--local-epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strategy", default="fedadam")
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
     ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--scale-sites", type=int, default=100)
     ap.add_argument("--scale-patients", type=int, default=8000)
+    ap.add_argument("--scale-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--work", default="bench-out/federated")
     ap.add_argument("--json", type=Path)
