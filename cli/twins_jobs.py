@@ -20,7 +20,7 @@ import pandas as pd
 
 from evoclone.federated.artifacts import ArtifactError, load_component, save_component, sha256_file
 from evoclone.federated.features import split_records
-from evoclone.federated.record import Arm, PatientRecord
+from evoclone.federated.record import Arm
 from evoclone.federated.tabular import OutcomeColumns, TabularData, records_from_frames
 from evoclone.federated.trainer import DPSettings, TrainConfig
 
