@@ -5,9 +5,9 @@ Flower 1.42 paces a SuperNode for large, slow federations: it polls the SuperLin
 that asks for a message's objects before they have arrived backs off exponentially from
 1 s (1, 2, 4 s ...). Each round then waits several seconds on timers, whatever the
 training takes. The guarded SuperNode and the ClientApps it forks apply shorter timers:
-an idle poll of `EVOCLONE_NODE_POLL_SECONDS` (default 1 s), a SuperExec poll of 0.2 s, and
+an idle poll of `EVOCLONE_NODE_POLL_SECONDS` (default 0.5 s), a SuperExec poll of 0.2 s, and
 backoffs starting at 0.1 s (still exponential, same caps). Load on the SuperLink grows
-accordingly (one request per second per idle site), which loopback and hospital-scale
+accordingly (two requests per second per idle site), which loopback and hospital-scale
 federations carry easily. flwr is pinned; `tests/integration` exercises these processes.
 """
 
@@ -50,6 +50,6 @@ def apply_supernode() -> None:
     """Everything for the SuperNode process (before Flower's SuperNode starts)."""
     from flwr.supernode import start_client_internal as sci
 
-    sci.time = _PollClock(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "1.0")))
+    sci.time = _PollClock(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "0.5")))
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # read by the SuperExec it starts
     apply_backoffs()
