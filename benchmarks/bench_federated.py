@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
     ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
-    ap.add_argument("--d-model", type=int, default=32, help="fusion model width (DP noise grows with parameters)")
+    ap.add_argument("--d-model", type=int, default=16, help="fusion model width (DP noise grows with parameters)")
     ap.add_argument("--scale-sites", type=int, default=100)
     ap.add_argument("--scale-patients", type=int, default=8000)
     ap.add_argument("--scale-batch", type=int, default=16)
