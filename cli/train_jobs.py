@@ -123,8 +123,12 @@ def validate(opts: TrainOptions) -> tuple[pd.DataFrame, pd.DataFrame | None, lis
     out = opts.out
     if out.exists() and not out.is_dir():
         raise TrainInputError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not opts.force:
-        raise TrainInputError(f"--out {out} is not empty; pass --force to replace the model there or choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not opts.force:
+            raise TrainInputError(f"--out {out} is not empty; pass --force to replace the model there or choose another path")
+        if not (out / "manifest.json").is_file():
+            raise TrainInputError(f"--out {out} holds files that are not a model directory; refusing to delete them "
+                                  "with --force, choose another path")
     patients, events = _read(opts)
     if opts.site_column not in patients.columns:
         raise TrainInputError(f"{opts.data}: no site column {opts.site_column!r}; columns are "
