@@ -154,7 +154,7 @@ def accuracy(args) -> dict:
     out = {"what": "accuracy", "epsilon": args.epsilon, "rounds": args.rounds, "strategy": args.strategy,
            "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
     extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model}
-    for dataset in ("simulator", "gbsg2"):
+    for dataset in args.datasets.split(","):
         reps = []
         for rep in range(args.reps):
             seed = args.seed + rep
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
+    ap.add_argument("--datasets", default="simulator,gbsg2", help="accuracy: which datasets")
     ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--d-model", type=int, default=16, help="fusion model width (DP noise grows with parameters)")
