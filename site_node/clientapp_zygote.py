@@ -152,9 +152,11 @@ def serve(sock_path: Path, parent_pid: int) -> None:
                     conn.sendall(str(pid).encode())
                 except OSError:
                     pass
-    finally:
+    finally:  # the shim goes too: a later lookup of flwr-clientapp finds Flower's own
         srv.close()
-        sock_path.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(sock_path.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
