@@ -91,14 +91,12 @@ class SitePart:
 
 
 def _read(opts: TrainOptions) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    def read(path: Path, what: str) -> pd.DataFrame:
-        try:
-            return pd.read_csv(path)
-        except FileNotFoundError:
-            raise TrainInputError(f"{what} file {path} does not exist; pass the path of a CSV file") from None
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise TrainInputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]}); export it as UTF-8 CSV") from None
-    return read(opts.data, "--data"), (read(opts.events, "--events") if opts.events else None)
+    from .twins_jobs import TwinsInputError, _read_csv
+
+    try:
+        return _read_csv(opts.data, "--data"), (_read_csv(opts.events, "--events") if opts.events else None)
+    except TwinsInputError as exc:
+        raise TrainInputError(str(exc)) from None
 
 
 def validate(opts: TrainOptions) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
