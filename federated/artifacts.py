@@ -14,14 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models.fusion import FusionConfig, FusionPredictor
 
 FORMAT = "evoclone-model/2"
 MANIFEST = "manifest.json"
@@ -145,23 +143,3 @@ def update_component(directory: Path, name: str, **fields) -> dict:
     manifest["components"][name].update(fields)
     _write_json(directory / MANIFEST, manifest)
     return manifest["components"][name]
-
-
-# -- the federated predictor trained on the fixed FeatureSpec --------------------------------
-
-def save_predictor(directory: Path, model: FusionPredictor | dict[str, torch.Tensor], *,
-                   config: FusionConfig, feature_spec: dict, extra: dict | None = None) -> dict:
-    """Save a single fusion predictor (the federated model) as the directory's predictor."""
-    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    return save_component(directory, "predictor", state, kind="fusion_predictor", config=asdict(config),
-                          vocabulary=feature_spec, extra=extra)
-
-
-def load_predictor(directory: Path, *, feature_spec: dict | None = None) -> tuple[FusionPredictor, dict]:
-    """Load a single fusion predictor, checking hashes (and the feature spec, when given)."""
-    expected = vocabulary_hash(feature_spec) if feature_spec is not None else None
-    tensors, entry, _ = load_component(directory, "predictor", expected_vocabulary_hash=expected)
-    model = FusionPredictor(FusionConfig(**entry["config"]))
-    model.load_state_dict(tensors)
-    model.eval()
-    return model, entry
