@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
+from evoclone.federated.stores import create_tables
+
 FAB_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -45,7 +47,7 @@ class ApprovalStore:
             "app_refusal", meta, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
             sa.Column("run_id", sa.String(64), nullable=False), sa.Column("fab_hash", sa.String(64), nullable=False),
             sa.Column("fab_id", sa.String(256), nullable=False), sa.Column("at", sa.String(40), nullable=False))
-        meta.create_all(self.engine)
+        create_tables(meta, self.engine)
 
     @staticmethod
     def _now() -> str:

@@ -17,6 +17,8 @@ import sqlalchemy as sa
 
 from evoclone.privacy.accounting import LedgerEntry, PrivacyLedger
 
+from . import create_tables
+
 
 class LedgerMismatchError(ValueError):
     """The ledger's stored budget differs from the one the caller expects."""
@@ -46,7 +48,7 @@ class SqlLedgerStore:
             sa.Column("at", sa.String(40), nullable=False), sa.Column("action", sa.String(32), nullable=False),
             sa.Column("admin", sa.String(128), nullable=False), sa.Column("reason", sa.Text, nullable=False),
             sa.Column("before", sa.JSON, nullable=False))
-        meta.create_all(self.engine)
+        create_tables(meta, self.engine)
 
     def open(self, *, epsilon_budget: float, delta: float, accountant: str = "rdp") -> PrivacyLedger:
         """The ledger with every stored charge; the first open records the budget."""
