@@ -7,8 +7,7 @@ import time
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
-from .common import STATUS_OK
-from .server_app import Study, _wait_nodes, weighted_mean
+from .server_app import Study, _wait_nodes, round_record, site_entry
 
 
 def train_round_secure(study: Study, grid: Grid, context: Context, state, server_round: int, cfg: ConfigRecord, *,
@@ -74,32 +73,14 @@ def train_round_secure(study: Study, grid: Grid, context: Context, state, server
     participation = []
     for proxy, res in captured.get("results", []):
         m = res.metrics
-        entry = {"site": str(m.get("site", f"node-{proxy.node_id}")), "status": str(m.get("status", "")),
-                 "examples": int(res.num_examples), "epsilon_spent": float(m.get("epsilon", 0.0))}
-        if entry["status"] == STATUS_OK:
-            entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
-                         start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
-                         warm_start=bool(m.get("warm-start", 0)),
-                         val_examples=int(m["val-examples"]), val_loss=float(m["val-loss"]),
-                         val_metric=float(m["val-metric"]), val_metric_weight=int(m["val-metric-weight"]))
-        else:
-            entry["reason"] = str(m.get("reason", ""))
-        participation.append(entry)
-        study.sites[entry["site"]] = {"name": entry["site"], "epsilon_budget": float(m.get("epsilon-budget", float("nan"))),
-                                      "epsilon_spent": entry["epsilon_spent"], "delta": float(m.get("delta", float("nan"))),
-                                      "examples": max(entry["examples"], study.sites.get(entry["site"], {}).get("examples", 0)),
-                                      "records": study.sites.get(entry["site"], {}).get("records", 0)}
+        participation.append(site_entry(study, str(m.get("site", f"node-{proxy.node_id}")), str(m.get("status", "")),
+                                        {**m, "num-examples": res.num_examples}, reason=m.get("reason"),
+                                        budget=m.get("epsilon-budget"), delta=m.get("delta")))
     for failure in captured.get("failures", []):
         participation.append({"site": "unknown", "status": "error", "reason": str(failure)[:200]})
-    ok = [p for p in participation if p["status"] == STATUS_OK]
-    record = {"round": server_round, "participation": sorted(participation, key=lambda p: p["site"]),
-              "trained": len(ok), "train_loss": weighted_mean((p["train_loss"], p["examples"]) for p in ok),
-              "val_loss": float("nan"), "val_metric": float("nan"), "secure_aggregation": "secagg+"}
-    prev = next((r for r in study.rounds if r["round"] == server_round - 1), None)
-    if prev is not None and ok:
-        prev["val_loss"] = weighted_mean((p["val_loss"], p["val_examples"]) for p in ok)
-        prev["val_metric"] = weighted_mean((p["val_metric"], p["val_metric_weight"]) for p in ok)
-    if len(ok) < min_nodes or "results" not in captured:
+    record = round_record(study, server_round, participation)
+    record["secure_aggregation"] = "secagg+"
+    if record["trained"] < min_nodes or "results" not in captured:
         record["status"] = "skipped"
         record["wall_seconds"] = time.monotonic() - t0
         study.rounds.append(record)

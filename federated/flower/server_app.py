@@ -180,6 +180,38 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int)
     return merge(summaries), counts, failed
 
 
+def site_entry(study: Study, name: str, status: str, m, *, reason=None, budget=None, delta=None) -> dict:
+    """One site's participation in a round from its reply metrics; keeps the study's site table current."""
+    entry = {"site": name, "status": status, "examples": int(m.get("num-examples", 0)),
+             "epsilon_spent": float(m.get("epsilon", 0.0))}
+    if reason is not None:
+        entry["reason"] = str(reason)
+    if status == STATUS_OK:
+        entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
+                     start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
+                     warm_start=bool(m.get("warm-start", 0)), val_examples=int(m["val-examples"]),
+                     val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
+                     val_metric_weight=int(m["val-metric-weight"]))
+    known = study.sites.get(name, {})
+    study.sites[name] = {"name": name, "epsilon_budget": float("nan" if budget is None else budget),
+                         "epsilon_spent": entry["epsilon_spent"], "delta": float("nan" if delta is None else delta),
+                         "examples": max(entry["examples"], known.get("examples", 0)), "records": known.get("records", 0)}
+    return entry
+
+
+def round_record(study: Study, server_round: int, participation: list[dict]) -> dict:
+    """A round's record; the sites' replies also validate the previous round's model (what they started from)."""
+    ok = [p for p in participation if p["status"] == STATUS_OK]
+    record = {"round": server_round, "participation": sorted(participation, key=lambda p: p["site"]),
+              "trained": len(ok), "train_loss": weighted_mean((p["train_loss"], p["examples"]) for p in ok),
+              "val_loss": float("nan"), "val_metric": float("nan")}
+    prev = next((r for r in study.rounds if r["round"] == server_round - 1), None)
+    if prev is not None and ok:
+        prev["val_loss"] = weighted_mean((p["val_loss"], p["val_examples"]) for p in ok)
+        prev["val_metric"] = weighted_mean((p["val_metric"], p["val_metric_weight"]) for p in ok)
+    return record
+
+
 def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, cfg: ConfigRecord, *,
                  min_nodes: int, timeout: float, join_timeout: float):
     _wait_nodes(grid, min_nodes, join_timeout)
@@ -198,34 +230,13 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
             continue
         site = msg.content.config_records.get("site", ConfigRecord())
         privacy = msg.content.config_records.get("privacy", ConfigRecord())
-        m = msg.content.metric_records.get("metrics", MetricRecord())
-        name = _site_name(msg)
-        entry = {"site": name, "status": str(site.get("status", "")), "examples": int(m.get("num-examples", 0)),
-                 "epsilon_spent": float(m.get("epsilon", 0.0))}
-        if "reason" in site:
-            entry["reason"] = str(site["reason"])
+        entry = site_entry(study, _site_name(msg), str(site.get("status", "")),
+                           msg.content.metric_records.get("metrics", MetricRecord()), reason=site.get("reason"),
+                           budget=privacy.get("epsilon-budget"), delta=privacy.get("delta"))
         if entry["status"] == STATUS_OK:
-            entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
-                         start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
-                         warm_start=bool(m.get("warm-start", 0)),
-                         val_examples=int(m["val-examples"]),
-                         val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
-                         val_metric_weight=int(m["val-metric-weight"]))
             accepted.append(msg)
         participation.append(entry)
-        study.sites[name] = {"name": name, "epsilon_budget": float(privacy.get("epsilon-budget", float("nan"))),
-                             "epsilon_spent": entry["epsilon_spent"], "delta": float(privacy.get("delta", float("nan"))),
-                             "examples": max(entry["examples"], study.sites.get(name, {}).get("examples", 0)),
-                             "records": study.sites.get(name, {}).get("records", 0)}
-    ok = [p for p in participation if p["status"] == STATUS_OK]
-    record = {"round": server_round, "participation": sorted(participation, key=lambda p: p["site"]),
-              "trained": len(ok), "train_loss": weighted_mean((p["train_loss"], p["examples"]) for p in ok),
-              "val_loss": float("nan"), "val_metric": float("nan")}
-    # train replies carry the validation of the model they started from (the previous round's)
-    prev = next((r for r in study.rounds if r["round"] == server_round - 1), None)
-    if prev is not None and ok:
-        prev["val_loss"] = weighted_mean((p["val_loss"], p["val_examples"]) for p in ok)
-        prev["val_metric"] = weighted_mean((p["val_metric"], p["val_metric_weight"]) for p in ok)
+    record = round_record(study, server_round, participation)
     if len(accepted) < min_nodes:
         record["status"] = "skipped"
         record["wall_seconds"] = time.monotonic() - t0
