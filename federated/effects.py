@@ -132,8 +132,8 @@ def _continuous(y: np.ndarray, x: np.ndarray, alpha: float) -> EffectEstimate:
 
 def _not_converged(what: str) -> EffectInputError:
     """The one error every failed model fit becomes."""
-    return EffectInputError(f"the {what} did not converge (perfect separation: a covariate or the arm predicts "
-                            "the outcome almost exactly); drop that covariate, use a coarser score, or analyse unadjusted")
+    return EffectInputError(f"the {what} did not converge, usually separation (the arm or a covariate predicts "
+                            "the outcome almost perfectly); drop that covariate, use a coarser score, or analyse unadjusted")
 
 
 def _binary(y: np.ndarray, x: np.ndarray, alpha: float) -> EffectEstimate:
