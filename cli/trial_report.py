@@ -1,0 +1,545 @@
+"""HTML reports for in-silico trials, PROCOVA analyses and sample-size calculations.
+
+Each report is one self-contained file (inline CSS and SVG, no scripts or links) that a
+trial statistician can read without the JSON document it was written from.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from lifelines import KaplanMeierFitter
+
+from .report import COLORS, _svg, _table
+
+RATIOS = {"hazard_ratio", "risk_ratio", "odds_ratio"}
+WORDS = {"hazard_ratio": "hazard ratio", "risk_ratio": "risk ratio", "odds_ratio": "odds ratio",
+         "risk_difference": "risk difference", "mean_difference": "mean difference"}
+ENDPOINTS = {"time_to_event": "time to event", "binary": "binary", "continuous": "continuous"}
+METRICS = {"r2": "R²", "auroc": "AUROC", "c_index": "C-index"}
+ARM_COLORS = {"0": COLORS[0], "1": COLORS[2]}
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222;line-height:1.45}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
+         "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+         ".summary{font-size:115%;background:#f4f8f7;border-left:4px solid #2a9d8f;padding:.6em 1em}"
+         ".meta{color:#555;font-size:90%}svg{max-width:100%;height:auto}")
+Z95 = 1.959963984540054
+
+
+# ---------- number formatting ----------
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _decimals(*values: object, digits: int = 3) -> int:
+    # one decimal count for an estimate and its bounds, so "0.710 (0.550–0.900)" lines up
+    mags = [abs(float(v)) for v in values if _finite(v) and float(v) != 0]
+    if not mags:
+        return digits
+    return int(min(6, max(0, digits - 1 - math.floor(math.log10(max(mags))))))
+
+
+def _num(v: object, dec: int | None = None) -> str:
+    """A number to 3 significant digits (or `dec` decimals); "n/a" when missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if not _finite(v):
+        return str(v) if not isinstance(v, (float, np.floating)) else ("∞" if v > 0 else "-∞")
+    if isinstance(v, (int, np.integer)) and dec is None:
+        return str(int(v))
+    if dec is None:  # a lone number: no trailing zeros ("0.05", "1825")
+        text = f"{float(v):.{_decimals(v)}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return f"{float(v):.{dec}f}"
+
+
+def _ci(lo: object, hi: object, dec: int) -> str:
+    # an en dash between negative bounds reads as a minus sign, so write "to" there
+    if not _finite(lo) and not _finite(hi):
+        return "n/a"
+    sep = "–" if all(not _finite(b) or float(b) >= 0 for b in (lo, hi)) else " to "
+    return f"{_num(lo, dec)}{sep}{_num(hi, dec)}"
+
+
+def _est_ci(e: dict, level: int) -> str:
+    """"0.710 (95% CI 0.550–0.900)" for an effect entry, or why it has no estimate."""
+    if not _finite(e.get("estimate")):
+        return "not estimable" + (f" ({e['note']})" if e.get("note") else "")
+    dec = _decimals(e.get("estimate"), e.get("ci_low"), e.get("ci_high"))
+    return f"{_num(e['estimate'], dec)} ({level}% CI {_ci(e.get('ci_low'), e.get('ci_high'), dec)})"
+
+
+def _p(p: object, prefix: str = "") -> str:
+    """A p-value: "<0.001" below a thousandth, else 3 decimals; prefix "p " gives "p < 0.001"/"p = 0.012"."""
+    if not _finite(p):
+        return prefix + "n/a"
+    small = float(p) < 0.001
+    return (prefix + ("< " if small else "= ") if prefix else ("<" if small else "")) + (
+        "0.001" if small else f"{float(p):.3f}")
+
+
+def _pct(v: object) -> str:
+    return f"{100 * float(v):.1f}%" if _finite(v) else "n/a"
+
+
+def _words(measure: str) -> str:
+    return WORDS.get(measure, str(measure).replace("_", " "))
+
+
+def _level(alpha: object) -> int:
+    return round(100 * (1 - float(alpha))) if _finite(alpha) else 95
+
+
+# ---------- page and plot plumbing ----------
+
+def _inline(fig) -> str:
+    # matplotlib's RDF metadata and xmlns declarations are the only URLs in its SVG; inline
+    # SVG in HTML needs neither, and dropping them keeps the file free of any address
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", _svg(fig), flags=re.S)
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
+
+
+def _label(s: object) -> str:
+    # a "$" in user text would switch matplotlib into mathtext
+    return str(s).replace("$", r"\$")
+
+
+def _page(path: Path, title: str, summary: str, body: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = html.escape(title)
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title><style>{STYLE}</style>"
+                    f"</head><body><h1>{t}</h1><p class='summary'>{html.escape(summary)}</p>{body}</body></html>\n",
+                    encoding="utf-8")
+
+
+def _notes(items: list[str]) -> str:
+    return "<h2>Methods and notes</h2><ul class='meta'>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+
+
+def _model_notes(model: dict | None) -> list[str]:
+    if not model:
+        return ["Model: not recorded."]
+    eps = model.get("epsilon")
+    out = [f"Model: {model.get('dir', 'n/a')}, weights sha256 {model.get('sha256', 'n/a')}.",
+           f"Privacy: epsilon = {_num(eps)} spent training the model." if _finite(eps)
+           else "Privacy: no epsilon recorded (model not trained with differential privacy, or not reported)."]
+    if model.get("federated") is not None:
+        sites = f" across {model['sites']} sites" if model.get("sites") is not None else ""
+        out.append(f"Training: {'federated' + sites if model['federated'] else 'centralized'}.")
+    return out
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    cand = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 50, 100]
+    ticks = [t for t in cand if lo <= t <= hi]
+    return ticks if len(ticks) >= 2 else sorted({float(f"{lo:.2g}"), 1.0, float(f"{hi:.2g}")})
+
+
+def _forest(rows: list[dict], measure: str, level: int, title: str) -> str:
+    """Forest plot: one row per estimate, CI whiskers, n and the numbers at the right."""
+    ratio = measure in RATIOS
+    ref = 1.0 if ratio else 0.0
+    fig, ax = plt.subplots(figsize=(8, 1.1 + 0.42 * len(rows)))
+    vals = [ref] + [float(r[k]) for r in rows for k in ("estimate", "ci_low", "ci_high")
+                    if _finite(r.get(k)) and (not ratio or float(r[k]) > 0)]
+    lo, hi = min(vals), max(vals)
+    for i, r in enumerate(rows):
+        est, a, b = (r.get(k) if _finite(r.get(k)) and (not ratio or float(r[k]) > 0) else None
+                     for k in ("estimate", "ci_low", "ci_high"))
+        if a is not None and b is not None:
+            ax.plot([a, b], [i, i], color="#264653", lw=1.6)
+        if est is not None:
+            ax.plot([est], [i], "s", color="#264653", ms=7)
+        text = _est_ci(r, level).replace(f"{level}% CI ", "")
+        ax.text(1.02, i, f"n={_num(r.get('n'))}   {_label(text)}", transform=ax.get_yaxis_transform(),
+                va="center", fontsize=9)
+    ax.text(1.02, -0.9, f"n   estimate ({level}% CI)", transform=ax.get_yaxis_transform(), va="center",
+            fontsize=9, weight="bold")
+    ax.axvline(ref, color="#999", ls="--", lw=1)
+    if ratio:
+        ax.set_xscale("log")
+        lo, hi = lo / 1.15, hi * 1.15
+        ticks = _ticks(lo, hi)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+    else:
+        pad = 0.08 * (hi - lo or 1.0)
+        lo, hi = lo - pad, hi + pad
+    ax.set_xlim(lo, hi)
+    ax.set_yticks(range(len(rows)), [_label(r["label"]) for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -1.4)
+    ax.set(xlabel=_words(measure) + (" (log scale)" if ratio else ""), title=_label(title))
+    ax.grid(axis="x", alpha=0.3)
+    return _inline(fig)
+
+
+def _wilson(k: float, n: float) -> tuple[float, float]:
+    """Wilson score 95% interval for k events out of n."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p, z2 = k / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _clean(d: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    # non-finite values cannot enter a KM fit or a mean; drop those rows for plots and tables
+    arrs = {k: np.asarray(d[k], dtype=float) for k in keys}
+    ok = np.logical_and.reduce([np.isfinite(a) for a in arrs.values()])
+    return {k: a[ok] for k, a in arrs.items()}
+
+
+# ---------- trial simulate ----------
+
+def _arm_label(doc: dict, key: str) -> str:
+    return str((doc.get("arms") or {}).get(key, {}).get("label") or ("treatment" if key == "1" else
+                                                                     "control" if key == "0" else f"arm {key}"))
+
+
+def _km_plot(doc: dict, twins: dict, real: dict | None, horizon: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted(twins):
+        color = ARM_COLORS.get(key, COLORS[1])
+        for src, data, ls in (("twins", twins, "-"), ("real", real, "--")):
+            if not data or key not in data:
+                continue
+            d = _clean(data[key], ("time", "event"))
+            if not len(d["time"]):
+                continue
+            km = KaplanMeierFitter().fit(d["time"], d["event"])
+            sf = km.survival_function_
+            ax.step(sf.index, sf.iloc[:, 0], where="post", ls=ls, color=color,
+                    label=_label(f"{_arm_label(doc, key)}, {src} (n={len(d['time'])})"))
+    if _finite(horizon):
+        ax.set_xlim(0, float(horizon))
+    ax.set(xlabel="days", ylabel="event-free survival", ylim=(0, 1.02),
+           title="Kaplan-Meier: twins (solid) against real patients (dashed)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _inline(fig)
+
+
+def _rate_plot(doc: dict, twins: dict, real: dict | None) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    keys = sorted(twins)
+    for i, key in enumerate(keys):
+        for j, (src, data) in enumerate((("twins", twins), ("real", real))):
+            if not data or key not in data:
+                continue
+            y = _clean(data[key], ("y",))["y"]
+            rate = float(y.mean()) if len(y) else float("nan")
+            lo, hi = _wilson(float(y.sum()), len(y))
+            x = i + (j - 0.5) * 0.38
+            ax.bar(x, rate, width=0.36, color=ARM_COLORS.get(key, COLORS[1]), alpha=1.0 if j == 0 else 0.45,
+                   hatch=None if j == 0 else "//", edgecolor="#264653")
+            if len(y):
+                ax.errorbar(x, rate, yerr=[[rate - lo], [hi - rate]], color="#222", capsize=4)
+            ax.text(x, 0.01, f"{src}\nn={len(y)}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(keys)), [_label(_arm_label(doc, k)) for k in keys])
+    ax.set(ylabel="event rate", ylim=(0, 1), title="Event rate per arm: twins against real (Wilson 95% CI)")
+    ax.grid(axis="y", alpha=0.3)
+    return _inline(fig)
+
+
+def _dist_plot(doc: dict, twins: dict, real: dict | None) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    keys = sorted(twins)
+    for i, key in enumerate(keys):
+        for j, (src, data) in enumerate((("twins", twins), ("real", real))):
+            if not data or key not in data:
+                continue
+            y = _clean(data[key], ("y",))["y"]
+            if not len(y):
+                continue
+            x = i + (j - 0.5) * 0.4
+            # fliers off: thousands of twin outliers would bloat the SVG without adding information
+            b = ax.boxplot([y], positions=[x], widths=0.32, showfliers=False, patch_artist=True)
+            b["boxes"][0].set(facecolor=ARM_COLORS.get(key, COLORS[1]), alpha=1.0 if j == 0 else 0.45)
+            ax.text(x, 1.0, f"{src} n={len(y)}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(range(len(keys)), [_label(_arm_label(doc, k)) for k in keys])
+    ax.set_xlim(-0.7, len(keys) - 0.3)
+    ax.set(ylabel="outcome", title="Outcome per arm: twins (solid) against real (faded)\n")
+    ax.grid(axis="y", alpha=0.3)
+    return _inline(fig)
+
+
+def _outcome_rows(endpoint: str, key: str, label: str, src: str, d: dict | None, horizon) -> list | None:
+    if not d:
+        return None
+    if endpoint == "time_to_event":
+        c = _clean(d, ("time", "event"))
+        if not len(c["time"]):
+            return [label, src, 0, "n/a", "n/a", "n/a"]
+        km = KaplanMeierFitter().fit(c["time"], c["event"])
+        med = km.median_survival_time_
+        at = float(km.survival_function_at_times(float(horizon)).iloc[0]) if _finite(horizon) else float("nan")
+        return [label, src, len(c["time"]), int(c["event"].sum()),
+                _num(med) if _finite(med) else "not reached", _num(at, 3)]
+    y = _clean(d, ("y",))["y"]
+    if endpoint == "binary":
+        lo, hi = _wilson(float(y.sum()), len(y))
+        return [label, src, len(y), int(y.sum()), _num(y.mean(), 3) if len(y) else "n/a", _ci(lo, hi, 3)]
+    sd = float(y.std(ddof=1)) if len(y) > 1 else float("nan")
+    return [label, src, len(y), _num(y.mean()) if len(y) else "n/a", _num(sd), _num(np.median(y)) if len(y) else "n/a"]
+
+
+def simulate_report(doc: dict, *, twins: dict[str, dict[str, np.ndarray]],
+                    real: dict[str, dict[str, np.ndarray]] | None, path: Path) -> None:
+    """Write the HTML report of an in-silico trial (`evoclone trial simulate`)."""
+    endpoint = doc.get("endpoint", "")
+    level = _level(doc.get("alpha", 0.05))
+    effect, diff = doc.get("effect") or {}, doc.get("effect_difference")
+    real_doc = doc.get("real") or {}
+    t, c = _arm_label(doc, "1"), _arm_label(doc, "0")
+    measure = effect.get("measure", "")
+    summary = f"Twins predict a {_words(measure)} of {_est_ci(effect, level)} for {t} vs {c}"
+    summary += f" (risk difference {_est_ci(diff, level)})." if diff else "."
+    if real_doc.get("effect"):
+        summary += (f" The real patients of this cohort give a {_words(real_doc['effect'].get('measure', measure))} of {_est_ci(real_doc['effect'], level)}"
+                    + (f" (risk difference {_est_ci(real_doc['effect_difference'], level)})."
+                       if real_doc.get("effect_difference") else "."))
+
+    # one forest per measure: ratios and differences cannot share an axis
+    by_measure: dict[str, list[dict]] = {}
+    n_tw, n_re = (sum(a.get("n") or 0 for a in (d.get("arms") or {}).values()) or None for d in (doc, real_doc))
+    for label, n, e in (("Overall, twins", n_tw, effect), ("Overall, twins", n_tw, diff),
+                        ("Overall, real patients", n_re, real_doc.get("effect")),
+                        ("Overall, real patients", n_re, real_doc.get("effect_difference"))):
+        if e:
+            by_measure.setdefault(e.get("measure", measure), []).append({"n": n, **e, "label": label})
+    for s in doc.get("subgroups") or []:
+        row = {**s, "label": f"{s.get('column')} = {s.get('value')}"}
+        by_measure.setdefault(s.get("measure") or measure, []).append(row)
+    plots = "".join(_forest(rows, m, level, f"{_words(m).capitalize()}, {t} vs {c}") for m, rows in by_measure.items())
+
+    if endpoint == "time_to_event":
+        plots += _km_plot(doc, twins, real, doc.get("horizon_days"))
+        head = ["arm", "source", "n", "events", "median time (days)",
+                f"KM survival at {_num(doc.get('horizon_days'))} days"]
+    elif endpoint == "binary":
+        plots += _rate_plot(doc, twins, real)
+        head = ["arm", "source", "n", "events", "event rate", "Wilson 95% CI"]
+    else:
+        plots += _dist_plot(doc, twins, real)
+        head = ["arm", "source", "n", "mean", "SD", "median"]
+    out_rows = [r for key in sorted(twins) for src, data in (("twins", twins), ("real", real))
+                for r in [_outcome_rows(endpoint, key, _arm_label(doc, key), src,
+                                        (data or {}).get(key), doc.get("horizon_days"))] if r]
+
+    eff_rows = [[label, _words(e.get("measure", "")), _num(e.get("estimate"), _decimals(*_bounds(e))),
+                 _ci(e.get("ci_low"), e.get("ci_high"), _decimals(*_bounds(e))), e.get("note", "")]
+                for label, e in (("twins", effect), ("twins", diff), ("real patients", real_doc.get("effect")),
+                                 ("real patients", real_doc.get("effect_difference"))) if e]
+    sub_rows = [[f"{s.get('column')} = {s.get('value')}", _num(s.get("n")), _words(s.get("measure") or measure),
+                 _num(s.get("estimate"), _decimals(*_bounds(s))), _ci(s.get("ci_low"), s.get("ci_high"),
+                                                                    _decimals(*_bounds(s))), s.get("note", "")]
+                for s in doc.get("subgroups") or []]
+    arm_keys = sorted(set(doc.get("arms") or {}) | set(real_doc.get("arms") or {}))
+    cols = sorted({k for src in (doc.get("arms") or {}, real_doc.get("arms") or {}) for a in src.values()
+                   for k in a if k != "label"}, key=lambda k: (("n", "events").index(k) if k in ("n", "events") else 2, k))
+    arm_rows = [[_arm_label(doc, k), src] + [_num(a[k].get(col)) for col in cols]
+                for k in arm_keys for src, a in (("twins", doc.get("arms") or {}), ("real", real_doc.get("arms") or {}))
+                if k in a]
+
+    body = f"<h2>Treatment effect</h2>{_table(['population', 'measure', 'estimate', f'{level}% CI', 'note'], eff_rows)}"
+    body += plots
+    if sub_rows:
+        body += "<h2>Subgroups</h2>" + _table(["subgroup", "n", "measure", "estimate", f"{level}% CI", "note"], sub_rows)
+    body += "<h2>Arms</h2>" + (_table(["arm", "source"] + cols, arm_rows) if arm_rows else "")
+    body += "<h3>Outcomes recomputed from the outcomes behind the plots</h3>" + _table(head, out_rows)
+    notes = [f"Endpoint: {ENDPOINTS.get(endpoint, endpoint)}; effects are {t} (arm 1) against {c} (arm 0).",
+             f"Twins: {_num(doc.get('twins_per_patient'))} per patient under each arm for "
+             f"{_num(doc.get('patients'))} patients, written by the twin {doc.get('source', 'model')}.",
+             f"Confidence intervals: {level}% bootstrap intervals from {_num(doc.get('bootstrap'))} resamples "
+             f"(alpha = {_num(doc.get('alpha'))}).",
+             f"Rows dropped for missing values: {_num(doc.get('dropped_missing', 0))}.",
+             f"Twins rejected by the quality gate: {_num(doc.get('rejected_by_quality_gate', 0))}."]
+    if _finite(doc.get("horizon_days")):
+        notes.append(f"Horizon: {_num(doc['horizon_days'])} days.")
+    if real is None and not real_doc:
+        notes.append("No real patients were given, so the plots show the twins only.")
+    if any(not _finite(s.get("estimate")) for s in doc.get("subgroups") or []):
+        notes.append("Subgroups without an estimate (see their note) are listed without a point.")
+    _page(path, f"In-silico trial: {ENDPOINTS.get(endpoint, endpoint)} endpoint", summary,
+          body + _notes(notes + _model_notes(doc.get("model"))))
+
+
+def _bounds(e: dict) -> tuple:
+    return e.get("estimate"), e.get("ci_low"), e.get("ci_high")
+
+
+# ---------- analyze procova ----------
+
+def _calibration(endpoint: str, arm, score, y, time, event, horizon) -> list[dict]:
+    """Control-arm patients grouped by score quantile: mean predicted against observed."""
+    ctrl = np.asarray(arm, dtype=float) == 0
+    data = {"score": np.asarray(score, dtype=float)[ctrl]}
+    if endpoint == "time_to_event":
+        data |= {"time": np.asarray(time, dtype=float)[ctrl], "event": np.asarray(event, dtype=float)[ctrl]}
+    else:
+        data["y"] = np.asarray(y, dtype=float)[ctrl]
+    d = _clean(data, tuple(data))
+    n = len(d["score"])
+    if not n:
+        return []
+    # deciles, but never groups under ~10 patients: a smaller group's observed value is mostly noise
+    order = np.argsort(d["score"], kind="stable")
+    out = []
+    for idx in np.array_split(order, min(10, max(1, n // 10))):
+        g = {k: v[idx] for k, v in d.items()}
+        if endpoint == "time_to_event":
+            km = KaplanMeierFitter().fit(g["time"], g["event"])
+            obs = 1 - float(km.survival_function_at_times(float(horizon)).iloc[0])
+            ci = km.confidence_interval_survival_function_.loc[:float(horizon)].iloc[-1]
+            lo, hi = 1 - float(ci.iloc[1]), 1 - float(ci.iloc[0])
+        elif endpoint == "binary":
+            obs = float(g["y"].mean())
+            lo, hi = _wilson(float(g["y"].sum()), len(idx))
+        else:
+            obs = float(g["y"].mean())
+            half = Z95 * float(g["y"].std(ddof=1)) / math.sqrt(len(idx)) if len(idx) > 1 else float("nan")
+            lo, hi = obs - half, obs + half
+        out.append({"n": len(idx), "predicted": float(g["score"].mean()), "observed": obs, "lo": lo, "hi": hi})
+    return out
+
+
+def _calibration_plot(groups: list[dict], endpoint: str, horizon) -> str:
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    if groups:
+        p = np.array([g["predicted"] for g in groups])
+        o = np.array([g["observed"] for g in groups])
+        err = np.array([[max(0.0, g["observed"] - g["lo"]) if _finite(g["lo"]) else 0.0 for g in groups],
+                        [max(0.0, g["hi"] - g["observed"]) if _finite(g["hi"]) else 0.0 for g in groups]])
+        ax.errorbar(p, o, yerr=err, fmt="o", color="#264653", capsize=3, label="control-arm groups (95% CI)")
+        vals = np.concatenate([p, o])
+        lo, hi = (0.0, 1.0) if endpoint != "continuous" else (float(vals.min()), float(vals.max()))
+        ax.plot([lo, hi], [lo, hi], "--", color="#999", label="perfect calibration")
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no control-arm patients with a score and an outcome", ha="center", transform=ax.transAxes)
+    h = _num(horizon)
+    xl, yl = {"time_to_event": (f"predicted P(event by {h} days)", f"observed 1 - KM survival at {h} days"),
+              "binary": ("predicted probability", "observed event rate")}.get(
+        endpoint, ("mean predicted outcome", "observed mean outcome"))
+    ax.set(xlabel=xl, ylabel=yl, title="Calibration of the prognostic score (control arm)")
+    ax.grid(alpha=0.3)
+    return _inline(fig)
+
+
+def _curve_plot(curve: list[dict], x: object, label: str, y: object = None) -> str:
+    """Total sample size against the score's R², with the chosen/observed point marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    pts = sorted((float(c["r2"]), float(c["n_total"])) for c in curve if _finite(c.get("r2")) and _finite(c.get("n_total")))
+    if pts:
+        r, n = np.array(pts).T
+        ax.plot(r, n, "-", color="#264653", label="total sample size")
+        if _finite(x):
+            yv = float(y) if _finite(y) else float(np.interp(float(x), r, n))
+            ax.plot([float(x)], [yv], "o", color=COLORS[2], ms=8, label=_label(f"{label} → n = {yv:.0f}"))
+            ax.axvline(float(x), color=COLORS[2], ls=":", lw=1)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no sample-size curve given", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="R² of the prognostic score on the outcome", ylabel="total patients",
+           title="Sample size for the target power against the score's R²")
+    ax.grid(alpha=0.3)
+    return _inline(fig)
+
+
+def procova_report(doc: dict, *, arm: np.ndarray, score: np.ndarray, y: np.ndarray | None = None,
+                   time: np.ndarray | None = None, event: np.ndarray | None = None, horizon: float | None = None,
+                   curve: list[dict], path: Path) -> None:
+    """Write the HTML report of a prognostic covariate adjustment (`evoclone analyze procova`)."""
+    endpoint = doc.get("endpoint", "")
+    level = _level(doc.get("alpha", 0.05))
+    un, adj = doc.get("unadjusted") or {}, doc.get("adjusted") or {}
+    measure = adj.get("measure") or un.get("measure", "")
+    if endpoint == "time_to_event" and not _finite(horizon) and time is not None and len(time):
+        horizon = float(np.nanmax(np.asarray(time, dtype=float)))
+    summary = (f"Adjusted for the prognostic score, the {_words(measure)} for treatment vs control is "
+               f"{_est_ci(adj, level)}, {_p(adj.get('p_value'), 'p ')}; unadjusted it is {_est_ci(un, level)}, "
+               f"{_p(un.get('p_value'), 'p ')}.")
+    if _finite(doc.get("variance_reduction")):
+        summary += f" The score removes {_pct(doc['variance_reduction'])} of the variance"
+        summary += (f", worth a {_pct(doc['sample_size_reduction'])} smaller trial at the same power."
+                    if _finite(doc.get("sample_size_reduction")) else ".")
+    prog = doc.get("prognostic") or {}
+    metric = METRICS.get(prog.get("metric"), str(prog.get("metric", "")))
+    groups = _calibration(endpoint, arm, score, y, time, event, horizon)
+    vr = doc.get("variance_reduction")
+    mark, mark_label = (vr, "observed variance reduction") if _finite(vr) else (
+        (prog.get("value"), "observed R²") if prog.get("metric") == "r2" else (None, ""))
+
+    rows = [{**un, "label": "unadjusted"}, {**adj, "label": "adjusted for the prognostic score"}]
+    plots = _forest(rows, measure, level, f"{_words(measure).capitalize()}, treatment vs control")
+    plots += _calibration_plot(groups, endpoint, horizon) + _curve_plot(curve, mark, mark_label)
+
+    def col(e: dict) -> list[str]:
+        dec = _decimals(*_bounds(e))
+        return [_words(e.get("measure", "")), _num(e.get("estimate"), dec), _num(e.get("se"), dec),
+                _ci(e.get("ci_low"), e.get("ci_high"), dec), _p(e.get("p_value")), _num(e.get("n"))]
+
+    names = ["measure", "estimate", "standard error", f"{level}% CI", "p-value", "n"]
+    side = [[nm, a, b] for nm, a, b in zip(names, col(un), col(adj))]
+    if _finite(un.get("se")) and _finite(adj.get("se")) and float(un["se"]) > 0:
+        side.append(["SE ratio (adjusted / unadjusted)", "", _num(float(adj["se"]) / float(un["se"]), 3)])
+    arms = doc.get("arms") or {}
+    extra = [[f"prognostic score {metric}", _num(prog.get("value"), 3)],
+             ["variance reduction", _pct(doc.get("variance_reduction"))],
+             ["sample-size reduction", _pct(doc.get("sample_size_reduction"))]]
+    extra += [[f"arm {k} patients", _num(arms[k].get("n"))] for k in sorted(arms)]
+    cal_rows = [[i + 1, g["n"], _num(g["predicted"], 3), _num(g["observed"], 3), _ci(g["lo"], g["hi"], 3)]
+                for i, g in enumerate(groups)]
+    body = ("<h2>Treatment effect</h2>" + _table(["", "unadjusted", "adjusted"], side) + plots
+            + "<h2>Prognostic score</h2>" + _table(["quantity", "value"], extra)
+            + "<h3>Calibration groups (control arm, by score quantile)</h3>"
+            + _table(["group", "n", "mean predicted", "observed", "95% CI"], cal_rows))
+    n_ctrl = int(np.sum(np.asarray(arm, dtype=float) == 0))
+    score_of = {"continuous": "its predicted outcome", "binary": "its predicted probability of the event",
+                "time_to_event": f"its predicted probability of the event by {_num(horizon)} days"}
+    notes = [f"Endpoint: {ENDPOINTS.get(endpoint, endpoint)}; effects are treatment (arm 1) against control (arm 0).",
+             "Unadjusted: the outcome on arm alone; adjusted: the outcome on arm and the prognostic score "
+             f"(PROCOVA). Intervals are {level}% intervals from each fit's standard error, as reported by the analysis.",
+             f"Prognostic score: for each trial patient, {score_of.get(endpoint, 'its prediction')}.",
+             f"Calibration: the {n_ctrl} control-arm patients, {len(groups)} group(s) of equal size by score "
+             "(deciles, fewer when under 100 patients, so each group holds ~10 or more); observed is "
+             + ("1 - Kaplan-Meier survival at the horizon (Greenwood-based CI)." if endpoint == "time_to_event"
+                else "the event rate (Wilson CI)." if endpoint == "binary" else "the mean outcome (normal CI)."),
+             f"Rows dropped for missing values: {_num(doc.get('dropped_missing', 0))}."]
+    _page(path, f"Prognostic covariate adjustment (PROCOVA): {ENDPOINTS.get(endpoint, endpoint)} endpoint", summary,
+          body + _notes(notes + _model_notes(doc.get("model"))))
+
+
+# ---------- analyze sample-size ----------
+
+def sample_size_report(doc: dict, *, curve: list[dict], path: Path) -> None:
+    """Write the HTML report of a sample-size calculation (`evoclone analyze sample-size`)."""
+    un, adj = doc.get("unadjusted") or {}, doc.get("adjusted") or {}
+    summary = (f"With a prognostic score of R² = {_num(doc.get('r2'), 2)}, the trial needs "
+               f"{_num(adj.get('n_total'))} patients instead of {_num(un.get('n_total'))} "
+               f"({_pct(doc.get('sample_size_reduction'))} fewer) for {_pct(doc.get('power'))} power to detect "
+               f"an effect of {_num(doc.get('effect'))} (SD {_num(doc.get('sd'))}) at alpha {_num(doc.get('alpha'))}.")
+    keys = [("n_total", "total patients"), ("n_treatment", "treatment arm"), ("n_control", "control arm"),
+            ("power", "achieved power")]
+    rows = [[label, _num(un.get(k), 3 if k == "power" else None), _num(adj.get(k), 3 if k == "power" else None)]
+            for k, label in keys]
+    inputs = [["effect (difference in means)", _num(doc.get("effect"))], ["outcome SD", _num(doc.get("sd"))],
+              ["target power", _num(doc.get("power"))], ["alpha", _num(doc.get("alpha"))],
+              ["allocation ratio", _num(doc.get("ratio"))], ["R² of the prognostic score", _num(doc.get("r2"))],
+              ["sample-size reduction", _pct(doc.get("sample_size_reduction"))]]
+    body = ("<h2>Sample size</h2>" + _table(["", "unadjusted", "with prognostic score"], rows)
+            + _curve_plot(curve, doc.get("r2"), "chosen R²", adj.get("n_total"))
+            + "<h2>Inputs</h2>" + _table(["quantity", "value"], inputs))
+    notes = [f"Method: {doc.get('method', 'not recorded')}.",
+             "The adjusted sample size assumes the score explains the given R² of the outcome's variance in the "
+             "trial population; an optimistic R² gives an underpowered trial."]
+    _page(path, "Sample size with a prognostic score", summary, body + _notes(notes))
