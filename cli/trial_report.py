@@ -31,8 +31,6 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;
 Z95 = 1.959963984540054
 
 
-# ---------- number formatting ----------
-
 def _finite(v: object) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
 
@@ -75,13 +73,14 @@ def _est_ci(e: dict, level: int) -> str:
     return f"{_num(e['estimate'], dec)} ({level}% CI {_ci(e.get('ci_low'), e.get('ci_high'), dec)})"
 
 
-def _p(p: object, prefix: str = "") -> str:
-    """A p-value: "<0.001" below a thousandth, else 3 decimals; prefix "p " gives "p < 0.001"/"p = 0.012"."""
-    if not _finite(p):
-        return prefix + "n/a"
-    small = float(p) < 0.001
-    return (prefix + ("< " if small else "= ") if prefix else ("<" if small else "")) + (
-        "0.001" if small else f"{float(p):.3f}")
+def _p(p: object) -> str:
+    """A p-value: "<0.001" below a thousandth, else 3 decimals."""
+    return "n/a" if not _finite(p) else "<0.001" if float(p) < 0.001 else f"{float(p):.3f}"
+
+
+def _p_says(p: object) -> str:
+    v = _p(p)
+    return "p not reported" if v == "n/a" else f"p {v}" if v.startswith("<") else f"p = {v}"
 
 
 def _pct(v: object) -> str:
@@ -95,8 +94,6 @@ def _words(measure: str) -> str:
 def _level(alpha: object) -> int:
     return round(100 * (1 - float(alpha))) if _finite(alpha) else 95
 
-
-# ---------- page and plot plumbing ----------
 
 def _inline(fig) -> str:
     # matplotlib's RDF metadata and xmlns declarations are the only URLs in its SVG; inline
@@ -144,8 +141,7 @@ def _ticks(lo: float, hi: float) -> list[float]:
 
 def _forest(rows: list[dict], measure: str, level: int, title: str) -> str:
     """Forest plot: one row per estimate, CI whiskers, n and the numbers at the right."""
-    ratio = measure in RATIOS
-    ref = 1.0 if ratio else 0.0
+    ratio, ref = measure in RATIOS, 1.0 if measure in RATIOS else 0.0
     fig, ax = plt.subplots(figsize=(8, 1.1 + 0.42 * len(rows)))
     vals = [ref] + [float(r[k]) for r in rows for k in ("estimate", "ci_low", "ci_high")
                     if _finite(r.get(k)) and (not ratio or float(r[k]) > 0)]
@@ -183,7 +179,7 @@ def _forest(rows: list[dict], measure: str, level: int, title: str) -> str:
 def _wilson(k: float, n: float) -> tuple[float, float]:
     """Wilson score 95% interval for k events out of n."""
     if n <= 0:
-        return float("nan"), float("nan")
+        return math.nan, math.nan
     p, z2 = k / n, Z95 ** 2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
@@ -197,8 +193,6 @@ def _clean(d: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndar
     return {k: a[ok] for k, a in arrs.items()}
 
 
-# ---------- trial simulate ----------
-
 def _arm_label(doc: dict, key: str) -> str:
     return str((doc.get("arms") or {}).get(key, {}).get("label") or ("treatment" if key == "1" else
                                                                      "control" if key == "0" else f"arm {key}"))
@@ -209,13 +203,10 @@ def _km_plot(doc: dict, twins: dict, real: dict | None, horizon: float | None) -
     for key in sorted(twins):
         color = ARM_COLORS.get(key, COLORS[1])
         for src, data, ls in (("twins", twins, "-"), ("real", real, "--")):
-            if not data or key not in data:
-                continue
-            d = _clean(data[key], ("time", "event"))
+            d = _clean(data[key], ("time", "event")) if data and key in data else {"time": []}
             if not len(d["time"]):
                 continue
-            km = KaplanMeierFitter().fit(d["time"], d["event"])
-            sf = km.survival_function_
+            sf = KaplanMeierFitter().fit(d["time"], d["event"]).survival_function_
             ax.step(sf.index, sf.iloc[:, 0], where="post", ls=ls, color=color,
                     label=_label(f"{_arm_label(doc, key)}, {src} (n={len(d['time'])})"))
     if _finite(horizon):
@@ -227,47 +218,33 @@ def _km_plot(doc: dict, twins: dict, real: dict | None, horizon: float | None) -
     return _inline(fig)
 
 
-def _rate_plot(doc: dict, twins: dict, real: dict | None) -> str:
+def _arm_plot(doc: dict, twins: dict, real: dict | None, binary: bool) -> str:
+    """Twins against real per arm: event-rate bars with Wilson CIs (binary) or box plots (continuous)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     keys = sorted(twins)
     for i, key in enumerate(keys):
         for j, (src, data) in enumerate((("twins", twins), ("real", real))):
-            if not data or key not in data:
-                continue
-            y = _clean(data[key], ("y",))["y"]
-            rate = float(y.mean()) if len(y) else float("nan")
-            lo, hi = _wilson(float(y.sum()), len(y))
-            x = i + (j - 0.5) * 0.38
-            ax.bar(x, rate, width=0.36, color=ARM_COLORS.get(key, COLORS[1]), alpha=1.0 if j == 0 else 0.45,
-                   hatch=None if j == 0 else "//", edgecolor="#264653")
-            if len(y):
-                ax.errorbar(x, rate, yerr=[[rate - lo], [hi - rate]], color="#222", capsize=4)
-            ax.text(x, 0.01, f"{src}\nn={len(y)}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(keys)), [_label(_arm_label(doc, k)) for k in keys])
-    ax.set(ylabel="event rate", ylim=(0, 1), title="Event rate per arm: twins against real (Wilson 95% CI)")
-    ax.grid(axis="y", alpha=0.3)
-    return _inline(fig)
-
-
-def _dist_plot(doc: dict, twins: dict, real: dict | None) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    keys = sorted(twins)
-    for i, key in enumerate(keys):
-        for j, (src, data) in enumerate((("twins", twins), ("real", real))):
-            if not data or key not in data:
-                continue
-            y = _clean(data[key], ("y",))["y"]
+            y = _clean(data[key], ("y",))["y"] if data and key in data else np.array([])
             if not len(y):
                 continue
-            x = i + (j - 0.5) * 0.4
-            # fliers off: thousands of twin outliers would bloat the SVG without adding information
-            b = ax.boxplot([y], positions=[x], widths=0.32, showfliers=False, patch_artist=True)
-            b["boxes"][0].set(facecolor=ARM_COLORS.get(key, COLORS[1]), alpha=1.0 if j == 0 else 0.45)
+            x, color, alpha = i + (j - 0.5) * 0.4, ARM_COLORS.get(key, COLORS[1]), 1.0 if j == 0 else 0.45
+            if binary:
+                rate, (lo, hi) = float(y.mean()), _wilson(float(y.sum()), len(y))
+                ax.bar(x, rate, width=0.36, color=color, alpha=alpha, edgecolor="#264653")
+                ax.errorbar(x, rate, yerr=[[rate - lo], [hi - rate]], color="#222", capsize=4)
+            else:
+                # fliers off: thousands of twin outliers would bloat the SVG without adding information
+                b = ax.boxplot([y], positions=[x], widths=0.32, showfliers=False, patch_artist=True,
+                               medianprops={"color": "#222"})
+                b["boxes"][0].set(facecolor=color, alpha=alpha)
             ax.text(x, 1.0, f"{src} n={len(y)}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                     fontsize=7)
     ax.set_xticks(range(len(keys)), [_label(_arm_label(doc, k)) for k in keys])
     ax.set_xlim(-0.7, len(keys) - 0.3)
-    ax.set(ylabel="outcome", title="Outcome per arm: twins (solid) against real (faded)\n")
+    what = "Event rate (Wilson 95% CI)" if binary else "Outcome (box: quartiles, whiskers 1.5 IQR)"
+    ax.set(ylabel="event rate" if binary else "outcome", title=f"{what} per arm: twins (solid), real (faded)\n")
+    if binary:
+        ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     return _inline(fig)
 
@@ -292,70 +269,69 @@ def _outcome_rows(endpoint: str, key: str, label: str, src: str, d: dict | None,
     return [label, src, len(y), _num(y.mean()) if len(y) else "n/a", _num(sd), _num(np.median(y)) if len(y) else "n/a"]
 
 
+def _cells(e: dict) -> list[str]:
+    """Estimate and CI cells of an effect entry, with one decimal count for both."""
+    dec = _decimals(*_bounds(e))
+    return [_num(e.get("estimate"), dec), _ci(e.get("ci_low"), e.get("ci_high"), dec)]
+
+
+def _sentence(who: str, effects: list[dict], level: int, tail: str) -> str:
+    # the first effect carries the sentence; a second (the binary risk difference) is appended to it
+    if not effects:
+        return ""
+    first, *rest = effects
+    return (f"{who} a {_words(first.get('measure', ''))} of {_est_ci(first, level)}{tail}"
+            + "".join(f", and a {_words(e.get('measure', ''))} of {_est_ci(e, level)}" for e in rest) + ".")
+
+
 def simulate_report(doc: dict, *, twins: dict[str, dict[str, np.ndarray]],
                     real: dict[str, dict[str, np.ndarray]] | None, path: Path) -> None:
     """Write the HTML report of an in-silico trial (`evoclone trial simulate`)."""
-    endpoint = doc.get("endpoint", "")
-    level = _level(doc.get("alpha", 0.05))
-    effect, diff = doc.get("effect") or {}, doc.get("effect_difference")
-    real_doc = doc.get("real") or {}
-    t, c = _arm_label(doc, "1"), _arm_label(doc, "0")
-    measure = effect.get("measure", "")
-    summary = f"Twins predict a {_words(measure)} of {_est_ci(effect, level)} for {t} vs {c}"
-    summary += f" (risk difference {_est_ci(diff, level)})." if diff else "."
-    if real_doc.get("effect"):
-        summary += (f" The real patients of this cohort give a {_words(real_doc['effect'].get('measure', measure))} of {_est_ci(real_doc['effect'], level)}"
-                    + (f" (risk difference {_est_ci(real_doc['effect_difference'], level)})."
-                       if real_doc.get("effect_difference") else "."))
+    endpoint, level, horizon = doc.get("endpoint", ""), _level(doc.get("alpha", 0.05)), doc.get("horizon_days")
+    effect, real_doc = doc.get("effect") or {}, doc.get("real") or {}
+    t, c, measure = _arm_label(doc, "1"), _arm_label(doc, "0"), effect.get("measure", "")
+    arms, real_arms = doc.get("arms") or {}, real_doc.get("arms") or {}
+    n_tw, n_re = (sum(a.get("n") or 0 for a in d.values()) or None for d in (arms, real_arms))
+    overall = [(label, n, e) for label, n, e in (
+        ("Overall, twins", n_tw, effect), ("Overall, twins", n_tw, doc.get("effect_difference")),
+        ("Overall, real patients", n_re, real_doc.get("effect")),
+        ("Overall, real patients", n_re, real_doc.get("effect_difference"))) if e]
+    summary = (_sentence("Twins predict", [e for lab, _, e in overall if lab.endswith("twins")], level,
+                         f" for {t} vs {c}")
+               + _sentence(" The real patients of this cohort give",
+                           [e for lab, _, e in overall if not lab.endswith("twins")], level, ""))
 
     # one forest per measure: ratios and differences cannot share an axis
     by_measure: dict[str, list[dict]] = {}
-    n_tw, n_re = (sum(a.get("n") or 0 for a in (d.get("arms") or {}).values()) or None for d in (doc, real_doc))
-    for label, n, e in (("Overall, twins", n_tw, effect), ("Overall, twins", n_tw, diff),
-                        ("Overall, real patients", n_re, real_doc.get("effect")),
-                        ("Overall, real patients", n_re, real_doc.get("effect_difference"))):
-        if e:
-            by_measure.setdefault(e.get("measure", measure), []).append({"n": n, **e, "label": label})
+    for label, n, e in overall:
+        by_measure.setdefault(e.get("measure", measure), []).append({"n": n, **e, "label": label})
     for s in doc.get("subgroups") or []:
-        row = {**s, "label": f"{s.get('column')} = {s.get('value')}"}
-        by_measure.setdefault(s.get("measure") or measure, []).append(row)
+        by_measure.setdefault(s.get("measure") or measure, []).append(
+            {**s, "label": f"{s.get('column')} = {s.get('value')}"})
     plots = "".join(_forest(rows, m, level, f"{_words(m).capitalize()}, {t} vs {c}") for m, rows in by_measure.items())
-
     if endpoint == "time_to_event":
-        plots += _km_plot(doc, twins, real, doc.get("horizon_days"))
-        head = ["arm", "source", "n", "events", "median time (days)",
-                f"KM survival at {_num(doc.get('horizon_days'))} days"]
-    elif endpoint == "binary":
-        plots += _rate_plot(doc, twins, real)
-        head = ["arm", "source", "n", "events", "event rate", "Wilson 95% CI"]
+        plots += _km_plot(doc, twins, real, horizon)
+        head = ["arm", "source", "n", "events", "median time (days)", f"KM survival at {_num(horizon)} days"]
     else:
-        plots += _dist_plot(doc, twins, real)
-        head = ["arm", "source", "n", "mean", "SD", "median"]
+        plots += _arm_plot(doc, twins, real, binary=endpoint == "binary")
+        head = ["arm", "source", "n"] + (["events", "event rate", "Wilson 95% CI"] if endpoint == "binary"
+                                         else ["mean", "SD", "median"])
     out_rows = [r for key in sorted(twins) for src, data in (("twins", twins), ("real", real))
-                for r in [_outcome_rows(endpoint, key, _arm_label(doc, key), src,
-                                        (data or {}).get(key), doc.get("horizon_days"))] if r]
-
-    eff_rows = [[label, _words(e.get("measure", "")), _num(e.get("estimate"), _decimals(*_bounds(e))),
-                 _ci(e.get("ci_low"), e.get("ci_high"), _decimals(*_bounds(e))), e.get("note", "")]
-                for label, e in (("twins", effect), ("twins", diff), ("real patients", real_doc.get("effect")),
-                                 ("real patients", real_doc.get("effect_difference"))) if e]
-    sub_rows = [[f"{s.get('column')} = {s.get('value')}", _num(s.get("n")), _words(s.get("measure") or measure),
-                 _num(s.get("estimate"), _decimals(*_bounds(s))), _ci(s.get("ci_low"), s.get("ci_high"),
-                                                                    _decimals(*_bounds(s))), s.get("note", "")]
-                for s in doc.get("subgroups") or []]
-    arm_keys = sorted(set(doc.get("arms") or {}) | set(real_doc.get("arms") or {}))
-    cols = sorted({k for src in (doc.get("arms") or {}, real_doc.get("arms") or {}) for a in src.values()
-                   for k in a if k != "label"}, key=lambda k: (("n", "events").index(k) if k in ("n", "events") else 2, k))
+                for r in [_outcome_rows(endpoint, key, _arm_label(doc, key), src, (data or {}).get(key), horizon)] if r]
+    eff_rows = [[label.removeprefix("Overall, "), _words(e.get("measure", ""))] + _cells(e) + [e.get("note", "")]
+                for label, _, e in overall]
+    sub_rows = [[f"{s.get('column')} = {s.get('value')}", _num(s.get("n")), _words(s.get("measure") or measure)]
+                + _cells(s) + [s.get("note", "")] for s in doc.get("subgroups") or []]
+    cols = sorted({k for src in (arms, real_arms) for a in src.values() for k in a if k != "label"},
+                  key=lambda k: (("n", "events").index(k) if k in ("n", "events") else 2, k))
     arm_rows = [[_arm_label(doc, k), src] + [_num(a[k].get(col)) for col in cols]
-                for k in arm_keys for src, a in (("twins", doc.get("arms") or {}), ("real", real_doc.get("arms") or {}))
-                if k in a]
+                for k in sorted(set(arms) | set(real_arms)) for src, a in (("twins", arms), ("real", real_arms)) if k in a]
 
-    body = f"<h2>Treatment effect</h2>{_table(['population', 'measure', 'estimate', f'{level}% CI', 'note'], eff_rows)}"
-    body += plots
-    if sub_rows:
-        body += "<h2>Subgroups</h2>" + _table(["subgroup", "n", "measure", "estimate", f"{level}% CI", "note"], sub_rows)
-    body += "<h2>Arms</h2>" + (_table(["arm", "source"] + cols, arm_rows) if arm_rows else "")
-    body += "<h3>Outcomes recomputed from the outcomes behind the plots</h3>" + _table(head, out_rows)
+    body = ("<h2>Treatment effect</h2>" + _table(["population", "measure", "estimate", f"{level}% CI", "note"], eff_rows)
+            + plots + ("<h2>Subgroups</h2>" + _table(["subgroup", "n", "measure", "estimate", f"{level}% CI", "note"],
+                                                      sub_rows) if sub_rows else "")
+            + ("<h2>Arms</h2>" + _table(["arm", "source"] + cols, arm_rows) if arm_rows else "")
+            + "<h3>Outcomes recomputed from the outcomes behind the plots</h3>" + _table(head, out_rows))
     notes = [f"Endpoint: {ENDPOINTS.get(endpoint, endpoint)}; effects are {t} (arm 1) against {c} (arm 0).",
              f"Twins: {_num(doc.get('twins_per_patient'))} per patient under each arm for "
              f"{_num(doc.get('patients'))} patients, written by the twin {doc.get('source', 'model')}.",
@@ -363,8 +339,8 @@ def simulate_report(doc: dict, *, twins: dict[str, dict[str, np.ndarray]],
              f"(alpha = {_num(doc.get('alpha'))}).",
              f"Rows dropped for missing values: {_num(doc.get('dropped_missing', 0))}.",
              f"Twins rejected by the quality gate: {_num(doc.get('rejected_by_quality_gate', 0))}."]
-    if _finite(doc.get("horizon_days")):
-        notes.append(f"Horizon: {_num(doc['horizon_days'])} days.")
+    if _finite(horizon):
+        notes.append(f"Horizon: {_num(horizon)} days.")
     if real is None and not real_doc:
         notes.append("No real patients were given, so the plots show the twins only.")
     if any(not _finite(s.get("estimate")) for s in doc.get("subgroups") or []):
@@ -377,13 +353,14 @@ def _bounds(e: dict) -> tuple:
     return e.get("estimate"), e.get("ci_low"), e.get("ci_high")
 
 
-# ---------- analyze procova ----------
-
 def _calibration(endpoint: str, arm, score, y, time, event, horizon) -> list[dict]:
     """Control-arm patients grouped by score quantile: mean predicted against observed."""
+    tte = endpoint == "time_to_event"
+    if (tte and (time is None or event is None or not _finite(horizon))) or (not tte and y is None):
+        return []
     ctrl = np.asarray(arm, dtype=float) == 0
     data = {"score": np.asarray(score, dtype=float)[ctrl]}
-    if endpoint == "time_to_event":
+    if tte:
         data |= {"time": np.asarray(time, dtype=float)[ctrl], "event": np.asarray(event, dtype=float)[ctrl]}
     else:
         data["y"] = np.asarray(y, dtype=float)[ctrl]
@@ -459,15 +436,14 @@ def procova_report(doc: dict, *, arm: np.ndarray, score: np.ndarray, y: np.ndarr
                    time: np.ndarray | None = None, event: np.ndarray | None = None, horizon: float | None = None,
                    curve: list[dict], path: Path) -> None:
     """Write the HTML report of a prognostic covariate adjustment (`evoclone analyze procova`)."""
-    endpoint = doc.get("endpoint", "")
-    level = _level(doc.get("alpha", 0.05))
+    endpoint, level = doc.get("endpoint", ""), _level(doc.get("alpha", 0.05))
     un, adj = doc.get("unadjusted") or {}, doc.get("adjusted") or {}
     measure = adj.get("measure") or un.get("measure", "")
     if endpoint == "time_to_event" and not _finite(horizon) and time is not None and len(time):
         horizon = float(np.nanmax(np.asarray(time, dtype=float)))
     summary = (f"Adjusted for the prognostic score, the {_words(measure)} for treatment vs control is "
-               f"{_est_ci(adj, level)}, {_p(adj.get('p_value'), 'p ')}; unadjusted it is {_est_ci(un, level)}, "
-               f"{_p(un.get('p_value'), 'p ')}.")
+               f"{_est_ci(adj, level)}, {_p_says(adj.get('p_value'))}; unadjusted it is {_est_ci(un, level)}, "
+               f"{_p_says(un.get('p_value'))}.")
     if _finite(doc.get("variance_reduction")):
         summary += f" The score removes {_pct(doc['variance_reduction'])} of the variance"
         summary += (f", worth a {_pct(doc['sample_size_reduction'])} smaller trial at the same power."
@@ -508,7 +484,7 @@ def procova_report(doc: dict, *, arm: np.ndarray, score: np.ndarray, y: np.ndarr
                 "time_to_event": f"its predicted probability of the event by {_num(horizon)} days"}
     notes = [f"Endpoint: {ENDPOINTS.get(endpoint, endpoint)}; effects are treatment (arm 1) against control (arm 0).",
              "Unadjusted: the outcome on arm alone; adjusted: the outcome on arm and the prognostic score "
-             f"(PROCOVA). Intervals are {level}% intervals from each fit's standard error, as reported by the analysis.",
+             "(PROCOVA). Estimates, standard errors, intervals and p-values are as the analysis reported them.",
              f"Prognostic score: for each trial patient, {score_of.get(endpoint, 'its prediction')}.",
              f"Calibration: the {n_ctrl} control-arm patients, {len(groups)} group(s) of equal size by score "
              "(deciles, fewer when under 100 patients, so each group holds ~10 or more); observed is "
@@ -518,8 +494,6 @@ def procova_report(doc: dict, *, arm: np.ndarray, score: np.ndarray, y: np.ndarr
     _page(path, f"Prognostic covariate adjustment (PROCOVA): {ENDPOINTS.get(endpoint, endpoint)} endpoint", summary,
           body + _notes(notes + _model_notes(doc.get("model"))))
 
-
-# ---------- analyze sample-size ----------
 
 def sample_size_report(doc: dict, *, curve: list[dict], path: Path) -> None:
     """Write the HTML report of a sample-size calculation (`evoclone analyze sample-size`)."""
