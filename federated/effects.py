@@ -177,13 +177,15 @@ def _time_to_event(time: np.ndarray, event: np.ndarray, x: np.ndarray, alpha: fl
     # Pre-fit diagnostics also arrive as ConvergenceWarning; only Newton-Raphson's own verdicts fail the fit.
     failed = [w for w in caught if issubclass(w.category, ConvergenceWarning)
               and ("Newton-Raphson" in str(w.message) or "complete separation" in str(w.message))]
-    row = cph.summary.loc["arm"]
-    coef, se = float(row["coef"]), float(row["se(coef)"])
+    # params_ and standard_errors_ are what lifelines' summary is built from, without its overhead.
+    coef, se = float(cph.params_["arm"]), float(cph.standard_errors_["arm"])
     if failed or not (math.isfinite(coef) and math.isfinite(se) and se > 0):
         raise _not_converged("Cox model")
-    z = NormalDist().inv_cdf(1 - alpha / 2)
-    return EffectEstimate("hazard_ratio", math.exp(coef), se, math.exp(coef - z * se), math.exp(coef + z * se),
-                          float(row["p"]), len(time))
+    normal = NormalDist()
+    z = normal.inv_cdf(1 - alpha / 2)
+    p = 2 * normal.cdf(-abs(coef / se))
+    return EffectEstimate("hazard_ratio", math.exp(coef), se, math.exp(coef - z * se), math.exp(coef + z * se), p,
+                          len(time))
 
 
 def _outcome(endpoint: str, n: int, y, time, event) -> dict[str, np.ndarray]:
