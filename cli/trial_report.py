@@ -486,7 +486,8 @@ def procova_report(doc: dict, *, arm: np.ndarray, score: np.ndarray, y: np.ndarr
              "Unadjusted: the outcome on arm alone; adjusted: the outcome on arm and the prognostic score "
              "(PROCOVA). Estimates, standard errors, intervals and p-values are as the analysis reported them.",
              f"Prognostic score: for each trial patient, {score_of.get(endpoint, 'its prediction')}.",
-             f"Calibration: the {n_ctrl} control-arm patients, {len(groups)} group(s) of equal size by score "
+             f"Calibration: {sum(g['n'] for g in groups)} of the {n_ctrl} control-arm patients (those with a score "
+             f"and an outcome), {len(groups)} group(s) of equal size by score "
              "(deciles, fewer when under 100 patients, so each group holds ~10 or more); observed is "
              + ("1 - Kaplan-Meier survival at the horizon (Greenwood-based CI)." if endpoint == "time_to_event"
                 else "the event rate (Wilson CI)." if endpoint == "binary" else "the mean outcome (normal CI)."),
