@@ -14,6 +14,7 @@ from .pki import pki_app
 from .site import site_app
 from .train import app_app
 from .train import train as train_cmd
+from .trial import analyze_app, trial_app
 from .twins import twins_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -22,6 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(pki_app, name="pki")
 app.add_typer(site_app, name="site")
 app.add_typer(twins_app, name="twins")
+app.add_typer(trial_app, name="trial")
+app.add_typer(analyze_app, name="analyze")
 app.command("train")(train_cmd)
 app.add_typer(app_app, name="app")
 err = Console(stderr=True)

@@ -179,15 +179,21 @@ class FusionEnsemble:
             out.append(a * logits + b)
         return torch.stack(out)
 
-    def member_risks(self, arrays: dict[str, np.ndarray], batch_size: int = 512) -> np.ndarray:
-        """Calibrated risk of each member for each row (M, B)."""
+    def member_outputs(self, arrays: dict[str, np.ndarray], batch_size: int = 512) -> np.ndarray:
+        """Calibrated outputs of each member for each row (M, B, out_dim): hazard logits, logit or value."""
         static, visits, lengths = _tensors(self.cfg, arrays)
         out = []
         with torch.no_grad():
             for i in range(0, len(static), batch_size):
                 sl = slice(i, i + batch_size)
-                out.append(_member_risk(self.cfg, self._logits(static[sl], visits[sl], lengths[sl])))
-        return torch.cat(out, dim=1).numpy() if out else np.zeros((self.members, 0), dtype=np.float32)
+                out.append(self._logits(static[sl], visits[sl], lengths[sl]))
+        if not out:
+            return np.zeros((self.members, 0, self.cfg.out_dim), dtype=np.float32)
+        return torch.cat(out, dim=1).numpy()
+
+    def member_risks(self, arrays: dict[str, np.ndarray], batch_size: int = 512) -> np.ndarray:
+        """Calibrated risk of each member for each row (M, B)."""
+        return _member_risk(self.cfg, torch.as_tensor(self.member_outputs(arrays, batch_size))).numpy()
 
     def calibrate(self, val_arrays: dict[str, np.ndarray]) -> None:
         """Fit each member's logit map (or, for continuous endpoints, the residual sd and tertiles)."""
