@@ -20,6 +20,7 @@ read or written.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -58,9 +59,17 @@ class EffectEstimate:
                 "n": int(self.n)}
 
 
+def _numeric(name: str, values) -> np.ndarray:
+    """`values` as a float array, or EffectInputError (text labels, None)."""
+    try:
+        return np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise EffectInputError(f"{name} must be numeric ({e}); code labels as numbers, e.g. arm 0/1") from None
+
+
 def _vector(name: str, values, n: int | None) -> np.ndarray:
     """One finite float column of the expected length, or EffectInputError."""
-    x = np.asarray(values, dtype=float)
+    x = _numeric(name, values)
     if x.ndim != 1:
         raise EffectInputError(f"{name} must be one value per patient (1-D), got shape {x.shape}")
     if n is not None and len(x) != n:
@@ -92,7 +101,7 @@ def _arm(arm) -> np.ndarray:
 
 def _covariates(adjust, n: int) -> np.ndarray:
     """Adjustment covariates as an (n, k) float matrix, or EffectInputError."""
-    x = np.asarray(adjust, dtype=float)
+    x = _numeric("adjust", adjust)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[1] == 0:
@@ -114,7 +123,7 @@ def _design(a: np.ndarray, covs: np.ndarray | None) -> np.ndarray:
 
 def _check_alpha(alpha: float) -> None:
     """EffectInputError unless 0 < alpha <= 0.5."""
-    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 0.5):
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0 < alpha <= 0.5):
         raise EffectInputError(f"alpha={alpha!r}: the two-sided significance level must be in (0, 0.5], e.g. 0.05")
 
 
@@ -274,7 +283,7 @@ def procova(endpoint: str, *, arm, score, y=None, time=None, event=None, alpha: 
     """
     from scipy.stats import norm
 
-    if not (isinstance(power, (int, float)) and 0 < power < 1):
+    if isinstance(power, bool) or not (isinstance(power, numbers.Real) and 0 < power < 1):
         raise EffectInputError(f"power={power!r}: the target power must be in (0, 1), e.g. 0.8")
     _check_alpha(alpha)
     a = _arm(arm)

@@ -170,6 +170,7 @@ def bad_cases():
         ("continuous", dict(arm=np.ones(len(y)), y=y), "arm holds only 1"),
         ("continuous", dict(arm=np.arange(len(y)) % 3, y=y), r"arm holds the values \{0, 1, 2\}"),
         ("continuous", dict(arm=arm * 2, y=y), "code it as 0 .control. and 1"),
+        ("continuous", dict(arm=np.where(arm == 1, "drug", "placebo"), y=y), "arm must be numeric.*code labels"),
         ("continuous", dict(arm=arm, y=y[:-1]), "y has 119 values but arm has 120"),
         ("continuous", dict(arm=arm, y=y, adjust=s[:-2]), "adjust has 118 rows"),
         ("continuous", dict(arm=arm, y=put(y, 5, np.nan)), "y has 1 missing or infinite row.*first at row 5.*drop"),
