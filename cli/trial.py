@@ -137,6 +137,8 @@ def procova(
     alpha: Alpha = 0.05,
     rounds: Annotated[int, typer.Option(help="federated rounds (with --site-column)")] = 5,
     engine: Annotated[str, typer.Option(help="simulation or deployment (with --site-column)")] = "simulation",
+    epochs: Annotated[int, typer.Option(help="training epochs (local training)")] = 30,
+    members: Annotated[int, typer.Option(help="ensemble members (local training)")] = 5,
     model_out: Annotated[Path | None, typer.Option(help="keep the prognostic model in this directory")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     report: Report = None,
@@ -158,7 +160,8 @@ def procova(
         raise fail(f"{exc} (--time/--event, --binary or --continuous)", 2) from None
     opts = ProcovaOptions(history=history, trial=trial, treatment=treatment, outcome=outcome,
                           covariates=_split(covariates) or None, site_column=site_column, epsilon=epsilon,
-                          delta=delta, alpha=alpha, rounds=rounds, engine=engine, model_out=model_out, seed=seed)
+                          delta=delta, alpha=alpha, rounds=rounds, engine=engine, model_out=model_out, seed=seed,
+                          epochs=epochs, members=members)
     with _Bars() as bars:
         doc, data = _run(run_procova, opts, on_progress=bars)
     if report is not None:
