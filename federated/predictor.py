@@ -217,6 +217,10 @@ class FusionEnsemble:
             raise ValueError("a continuous-endpoint ensemble needs validation tertiles; call calibrate(val) first")
         return np.asarray(CATEGORIES, dtype=object)[np.searchsorted(np.asarray(cuts), risk, side="right")]
 
+    def risk(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Mean calibrated risk over members per row (no interval or category: needs no tertiles)."""
+        return self.member_risks(arrays).astype(np.float64).mean(axis=0)
+
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """risk, ci_low, ci_high and category per row, in input order."""
         r = self.member_risks(arrays).astype(np.float64)  # (M, B)

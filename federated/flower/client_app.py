@@ -326,7 +326,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     min_count = int(msg.content["config"].get("min-count", 10))
     if task.name == "fusion" and task.endpoint == "continuous" and metrics["val-examples"] >= min_count:
         val = data["val"]
-        pred = task._ensemble(vocab, state).predict(val)["risk"]
+        pred = task._ensemble(vocab, state).risk(val)
         content["predictions"] = ConfigRecord({
             "json": json.dumps(NumericSummary.of(pred).coarse().to_dict()),
             "sse": float(((val["continuous"] - pred) ** 2).sum())})

@@ -127,7 +127,7 @@ class FusionTask:
             return {"val-examples": 0, "val-loss": 0.0, "val-metric": 0.0, "val-metric-weight": 0}
         ens = self._ensemble(vocab, state)
         loss = float(np.mean([mean_loss(m, val) for m in ens.models]))
-        metric = _metric(self.endpoint, val, ens.predict(val)["risk"])
+        metric = _metric(self.endpoint, val, ens.risk(val))
         defined = not math.isnan(metric)
         return {"val-examples": n, "val-loss": loss, "val-metric": metric if defined else 0.0,
                 "val-metric-weight": n if defined else 0}

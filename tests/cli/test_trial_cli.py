@@ -176,3 +176,34 @@ def test_sample_size_matches_the_calculator_and_refuses_ambiguous_input(tmp_path
     assert bad.exit_code == 2 and "exactly one" in bad.stderr
     bad = runner.invoke(app, ["analyze", "sample-size", "--effect", "0", "--r2", "0.3"])
     assert bad.exit_code == 2
+
+
+def test_simulate_from_the_generator_counts_quality_gate_rejections(trained, tmp_path):
+    gpt = tmp_path / "gpt"
+    r = runner.invoke(app, ["twins", "train", "--data", str(trained / "train.csv"), "--treatment", "arm", "--time",
+                            "days", "--event", "died", "--covariates", "risk,noise,sex", "--model", "gpt", "--epochs",
+                            "2", "--out", str(gpt), "--json"])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["trial", "simulate", "--model", str(gpt), "--cohort", str(trained / "cohort.csv"),
+                            "--twins", "3", "--bootstrap", "30", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["source"] == "generator" and doc["model_uncertainty"].startswith("one model")
+    passed = doc["arms"]["0"]["n"] + doc["arms"]["1"]["n"]
+    assert passed + doc["rejected_by_quality_gate"] == 120 * 3 * 2
+    assert doc["effect"]["measure"] == "hazard_ratio" and doc["effect"]["ci_low"] <= doc["effect"]["ci_high"]
+
+
+@pytest.mark.slow
+def test_procova_trains_the_prognostic_model_federated_across_history_sites(procova_data, tmp_path):
+    hist = pd.read_csv(procova_data / "history.csv")
+    hist.assign(hospital=np.resize(["north", "south"], len(hist))).to_csv(tmp_path / "h.csv", index=False)
+    r = runner.invoke(app, ["analyze", "procova", "--history", str(tmp_path / "h.csv"), "--trial",
+                            str(procova_data / "trial.csv"), "--treatment", "arm", "--continuous", "score",
+                            "--covariates", "risk,noise", "--site-column", "hospital", "--rounds", "3",
+                            "--epsilon", "5", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    m = doc["model"]
+    assert m["federated"] is True and m["sites"] == 2 and 0 < m["epsilon"] <= 5.0 and m["patients"] == 500
+    assert doc["prognostic"]["value"] > 0.05 and doc["adjusted"]["se"] < doc["unadjusted"]["se"]
