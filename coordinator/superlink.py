@@ -68,8 +68,10 @@ class SuperLink:
     """One SuperLink process with persistent state under `flower_dir`."""
 
     def __init__(self, *, flower_dir: Path, port: int, group: ProcessGroup, host: str = "127.0.0.1",
-                 security: LinkSecurity | None = None, simulation: bool = False) -> None:
+                 security: LinkSecurity | None = None, simulation: bool = False,
+                 database: Path | None = None) -> None:
         self.flower_dir = flower_dir.absolute()
+        self.database = Path(database).absolute() if database else self.flower_dir / "superlink-state.db"
         self.host, self.port = host, port
         self.group = group
         self.security = security
@@ -98,7 +100,7 @@ class SuperLink:
         """
         self.flower_dir.mkdir(parents=True, exist_ok=True)
         cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
-               "--database", str(self.flower_dir / "superlink-state.db"),
+               "--database", str(self.database),
                "--host", self.host, "--port", str(self.port)]
         if self.simulation:  # Flower's simulation runtime: virtual SuperNodes inside the SuperLink's host
             cmd.append("--simulation")
@@ -119,6 +121,25 @@ class SuperLink:
                        "--format", "json")
         if r.returncode != 0 and "already" not in (r.stdout + r.stderr).lower():
             raise RuntimeError(f"registering {name}'s SuperNode key failed: {(r.stdout + r.stderr).strip()[-300:]}")
+
+    def register_node_id(self, public_key: Path, *, name: str) -> str | None:
+        """Register a SuperNode's public key and return the node id the SuperLink gave it (None if already known)."""
+        r = self._flwr("supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--name", name,
+                       "--format", "json")
+        out = r.stdout + r.stderr
+        if r.returncode != 0:
+            if "already" in out.lower():
+                return None
+            raise RuntimeError(f"registering {name}'s SuperNode key failed: {out.strip()[-300:]}")
+        m = re.search(r'"node-id":\s*"?(\d+)', out) or re.search(r"SuperNode (\d+) registered", out)
+        return m.group(1) if m else None
+
+    def unregister_node(self, node_id: str) -> None:
+        """Withdraw a registered SuperNode (a revoked site); its connections are refused from now on."""
+        r = self._flwr("supernode", "unregister", str(int(node_id)), CONNECTION, "--format", "json")
+        out = (r.stdout + r.stderr).strip()
+        if r.returncode != 0 and "not found" not in out.lower() and "unregistered" not in out.lower():
+            raise RuntimeError(f"unregistering SuperNode {node_id} failed: {out[-300:]}")
 
     def stop_run(self, run_id: str) -> None:
         """Ask the SuperLink to stop a run."""

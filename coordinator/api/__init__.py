@@ -1,0 +1,1 @@
+"""The coordinator's HTTP API (FastAPI): `create_app` in main.py."""

@@ -1,0 +1,51 @@
+"""The coordinator's FastAPI app: `create_app(settings)`; serve it with `evoclone coordinator serve`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from ..db import create_tables, make_engine, with_retry
+from ..settings import CoordinatorSettings, get_settings
+from . import errors
+from .middleware import Metrics, ServiceMiddleware
+from .routes import audit, auth, health, sites, studies
+
+API_PREFIX = "/api/v1"
+
+
+def api_router() -> APIRouter:
+    """Every resource router under /api/v1 (later resources add theirs here)."""
+    router = APIRouter(prefix=API_PREFIX)
+    for module in (auth, sites, studies, audit):
+        router.include_router(module.router)
+    return router
+
+
+def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
+    """Build the app for `settings` (by default the cached get_settings()); tables are created at start."""
+    settings = settings or get_settings()
+    engine = make_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        with_retry(lambda: create_tables(engine), seconds=max(settings.db_retry_seconds, 30))
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="EvoClone coordinator", version="1", lifespan=lifespan,
+                  summary="Sites, studies, runs and the model registry of a federated EvoClone study; "
+                          "never a patient-level record.")
+    app.state.settings, app.state.engine, app.state.metrics = settings, engine, Metrics()
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(api_router())
+    app.add_middleware(ServiceMiddleware, settings=settings, engine=engine, metrics=app.state.metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for $EVOCLONE_COORDINATOR_STATE_DIR (uvicorn's factory with --workers > 1)."""
+    return create_app()

@@ -1,0 +1,182 @@
+"""One ASGI middleware around every request: request id, body limit, database retries, metrics, audit,
+and a generic 500 (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..audit import record_event
+from ..db import is_transient
+from ..security import ACCESS, TokenError, decode_token
+
+log = logging.getLogger("evoclone.coordinator")
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class Metrics:
+    """Request counts and latency histograms by route template, in the app's own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("evoclone_coordinator_requests", "HTTP requests handled",
+                                ("method", "route", "status"), registry=self.registry)
+        self.latency = Histogram("evoclone_coordinator_request_seconds", "HTTP request latency",
+                                 ("method", "route"), registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.db_retries = Counter("evoclone_coordinator_db_retries", "requests retried after the database "
+                                  "went away", registry=self.registry)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (/api/v1/sites/{site_id}), never the raw path: bounded label sets."""
+    # FastAPI includes routers lazily: the route object knows only its own path, the context the full one.
+    context = (scope.get("fastapi") or {}).get("effective_route_context")
+    return getattr(context, "path", None) or getattr(scope.get("route"), "path", None) or "<unmatched>"
+
+
+async def _json(send: Send, status: int, body: dict, request_id: str) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"x-request-id", request_id.encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class ServiceMiddleware:
+    """Wraps the app: see the module docstring. Request bodies are read (bounded) but never stored."""
+
+    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics) -> None:
+        self.app, self.settings, self.engine, self.metrics = app, settings, engine, metrics
+
+    def _caller(self, scope: Scope) -> tuple[str, str, str]:
+        """(actor, role, note) from a bearer token, when one is sent."""
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        if not auth.lower().startswith("bearer "):
+            return "", "", ""
+        try:
+            claims = decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
+        except TokenError:
+            return "", "", "invalid or expired token"
+        return claims.subject, claims.role, ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _RID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        t0 = time.perf_counter()
+        sent = {"status": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"], sent["started"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            body = await self._read_body(headers, receive, send_wrapper, rid)
+            if body is not None:
+                await self._call_with_retries(scope, body, receive, send_wrapper, rid, sent)
+        finally:
+            await self._observe(scope, rid, sent["status"], time.perf_counter() - t0)
+
+    async def _read_body(self, headers: dict, receive: Receive, send: Send, rid: str) -> bytes | None:
+        """The whole body, or None after answering 413 (or when the client went away)."""
+        limit = self.settings.max_body_bytes
+        too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less "
+                             "(EVOCLONE_COORDINATOR_MAX_BODY_BYTES sets the limit)"}
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            await _json(send, 413, too_big, rid)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _json(send, 413, too_big, rid)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _call_with_retries(self, scope: Scope, body: bytes, receive: Receive, send: Send, rid: str,
+                                 sent: dict) -> None:
+        """Run the app; while the database is away and nothing was sent yet, run it again (the failed
+        attempt's transaction was rolled back, so nothing is written twice)."""
+        deadline = time.monotonic() + self.settings.db_retry_seconds
+        delay = 0.05
+        while True:
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            try:
+                await self.app(scope, replay, send)
+                return
+            except Exception as exc:  # noqa: BLE001 (the one place that turns any failure into JSON)
+                if sent["started"]:
+                    log.exception("request %s failed after its response started", rid)
+                    return
+                if is_transient(exc) and time.monotonic() + delay < deadline:
+                    self.metrics.db_retries.inc()
+                    log.warning("request %s: database unavailable (%s); retrying", rid, type(exc).__name__)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if is_transient(exc):
+                    await _json(send, 503, {"detail": "the database is not reachable; retry in a few seconds "
+                                                      f"(request id {rid})"}, rid)
+                    return
+                log.exception("request %s failed", rid)
+                await _json(send, 500, {"detail": f"internal error; give the operator request id {rid}",
+                                        "request_id": rid}, rid)
+                return
+
+    async def _observe(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
+        """Metrics by route template, then one audit event (never the body)."""
+        route = route_template(scope)
+        method = scope.get("method", "")
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.latency.labels(method, route).observe(seconds)
+        state = scope.get("state", {})
+        actor, role, note = self._caller(scope)
+        actor, role = state.get("actor", actor), state.get("role", role)
+        detail = {"method": method, "path": scope.get("path", "")[:512], "status": status,
+                  "ms": round(seconds * 1000, 1)}
+        if note:
+            detail["note"] = note
+        outcome = "ok" if status < 400 else "denied" if status in (401, 403) else "error" if status >= 500 \
+            else "rejected"
+        fields = dict(action=f"http.{method.lower()}", resource=route, outcome=outcome, actor=actor, role=role,
+                      detail=detail, request_id=rid)
+
+        def write() -> None:
+            from ..db import with_retry
+
+            with_retry(lambda: record_event(engine=self.engine, **fields), seconds=self.settings.db_retry_seconds)
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except Exception:  # noqa: BLE001 (the response is gone; the failure is logged loudly instead)
+            log.exception("request %s could not be audited", rid)

@@ -1,0 +1,84 @@
+"""The coordinator's database: one engine per app, tables, sessions, and retries while it is away."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel, create_engine
+
+from evoclone.federated.stores import create_tables as _create_tables
+
+from . import models  # noqa: F401  (registers every table on SQLModel.metadata)
+from .settings import CoordinatorSettings
+
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database did not answer within the configured retry window."""
+
+
+def make_engine(settings: CoordinatorSettings) -> sa.Engine:
+    """An engine for the configured database; pre-ping replaces connections the server dropped."""
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # WAL: readers never wait for the audit writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+
+
+def create_tables(engine: sa.Engine) -> None:
+    """Create every coordinator table that is missing (safe when two workers start together)."""
+    _create_tables(SQLModel.metadata, engine)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error means 'the server or connection went away', worth retrying."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        text = str(exc).lower()
+        return not any(s in text for s in ("syntax", "no such table", "does not exist", "permission denied"))
+    return False
+
+
+def with_retry(fn: Callable[[], T], *, seconds: float, on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """Call `fn` until it stops failing transiently or `seconds` pass (then DatabaseUnavailable)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
+            if not is_transient(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseUnavailable("the database is not reachable; retry in a few seconds or check "
+                                          "EVOCLONE_COORDINATOR_DATABASE_URL") from exc
+            if on_retry is not None:
+                on_retry(exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def ping(engine: sa.Engine) -> None:
+    """Run `SELECT 1` (raises when the database is unreachable)."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
+def session_scope(engine: sa.Engine) -> Iterator[Session]:
+    """A session that is closed afterwards (the caller commits)."""
+    with Session(engine, expire_on_commit=False) as session:
+        yield session

@@ -1,0 +1,86 @@
+"""Passwords (argon2id) and bearer tokens (JWT HS256: access and refresh, with role, exp, jti and type)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from .settings import CoordinatorSettings
+
+ALGORITHM = "HS256"
+ISSUER = "evoclone-coordinator"
+ACCESS, REFRESH = "access", "refresh"
+
+
+class TokenError(ValueError):
+    """A bearer token is missing, malformed, forged, expired or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """The claims the coordinator relies on."""
+
+    subject: str
+    role: str
+    type: str
+    jti: str
+    expires_at: datetime
+
+
+def _hasher() -> PasswordHasher:
+    return PasswordHasher()  # argon2id with the library's current recommended cost
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of `password`."""
+    return _hasher().hash(password)
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    """Whether `password` matches `password_hash` (False for a malformed hash)."""
+    try:
+        return _hasher().verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def dummy_verify(password: str) -> None:
+    """Spend the time of one verification, so unknown users cannot be told apart by timing."""
+    verify_password(password, "$argon2id$v=19$m=65536,t=3,p=4$qsYopyKN+INMSeUnBlAueg$"
+                              "tsFYdOYTGeUrDGDcnTl0D5o9mV5xUv+f1PFh8AWLYy8")
+
+
+def create_token(*, settings: CoordinatorSettings, subject: str, role: str, type: str,
+                 now: datetime | None = None, jti: str | None = None) -> tuple[str, TokenClaims]:
+    """A signed token of `type` (access or refresh) for `subject` with `role`."""
+    if type not in (ACCESS, REFRESH):
+        raise ValueError(f"token type must be {ACCESS!r} or {REFRESH!r}, got {type!r}")
+    issued = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+    life = timedelta(minutes=settings.access_token_minutes) if type == ACCESS else \
+        timedelta(days=settings.refresh_token_days)
+    claims = TokenClaims(subject=subject, role=role, type=type, jti=jti or uuid.uuid4().hex, expires_at=issued + life)
+    payload = {"sub": subject, "role": role, "type": type, "jti": claims.jti, "iss": ISSUER,
+               "iat": int(issued.timestamp()), "exp": int(claims.expires_at.timestamp())}
+    return jwt.encode(payload, settings.jwt_secret.get_secret_value(), algorithm=ALGORITHM), claims
+
+
+def decode_token(token: str, *, settings: CoordinatorSettings, type: str) -> TokenClaims:
+    """Verify signature, expiry, issuer and type; TokenError with a one-line reason otherwise."""
+    try:
+        payload = jwt.decode(token, settings.jwt_secret.get_secret_value(), algorithms=[ALGORITHM], issuer=ISSUER,
+                             options={"require": ["sub", "role", "type", "jti", "exp", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise TokenError("the token has expired; get a new one from /api/v1/auth/refresh or /api/v1/auth/token") \
+            from None
+    except jwt.InvalidTokenError:
+        raise TokenError("the token is invalid (bad signature or format); log in again at /api/v1/auth/token") \
+            from None
+    if payload.get("type") != type:
+        raise TokenError(f"a {payload.get('type')!r} token was sent where a {type!r} token is required")
+    return TokenClaims(subject=str(payload["sub"]), role=str(payload["role"]), type=type, jti=str(payload["jti"]),
+                       expires_at=datetime.fromtimestamp(int(payload["exp"]), timezone.utc))

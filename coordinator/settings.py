@@ -1,0 +1,121 @@
+"""Coordinator settings: `coordinator.json` in the state directory, overridable by EVOCLONE_COORDINATOR_ variables."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "EVOCLONE_COORDINATOR_"
+SETTINGS_FILE = "coordinator.json"
+JWT_SECRET_FILE = "jwt.secret"
+
+
+class CoordinatorSettings(BaseSettings):
+    """Everything the coordinator service reads at start; secrets have no usable default."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    state_dir: Path
+    database_url: str = ""  # postgresql+psycopg://... in production; SQLite in the state directory by default
+    jwt_secret: SecretStr = Field(min_length=32)
+    access_token_minutes: int = Field(15, ge=1, le=24 * 60)
+    refresh_token_days: int = Field(7, ge=1, le=90)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    superlink_host: str = "127.0.0.1"
+    superlink_port: int = Field(9093, ge=0, le=65535)
+    superlink_database: Path | None = None  # the SuperLink's persistent state; under the state dir by default
+    objects_dir: Path | None = None  # local object store; used unless minio_endpoint is set
+    minio_endpoint: str = ""
+    minio_access_key: str = ""
+    minio_secret_key: SecretStr = SecretStr("")
+    minio_bucket: str = "evoclone-coordinator"
+    minio_secure: bool = True
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    suppression_min_count: int = Field(10, ge=1)
+    canary_margin: float = Field(0.02, ge=0, le=1)
+    db_retry_seconds: float = Field(10.0, ge=0)  # how long a request waits for the database to come back
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _not_placeholder(cls, v: SecretStr) -> SecretStr:
+        if len(set(v.get_secret_value())) < 8:
+            raise ValueError("jwt_secret looks like a placeholder; run `evoclone coordinator init` to generate one")
+        return v
+
+    @property
+    def db_url(self) -> str:
+        """The transactional store: SQLite inside the state directory unless configured."""
+        return self.database_url or f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"
+
+    @property
+    def flower_dir(self) -> Path:
+        """Where the SuperLink keeps its state, logs and CLI configuration."""
+        return self.state_dir / "flower"
+
+    @property
+    def superlink_db(self) -> Path:
+        """The SuperLink's persistent state database."""
+        return self.superlink_database or self.flower_dir / "superlink-state.db"
+
+    @property
+    def pki_dir(self) -> Path:
+        """The study CA (ca.key, ca.pem) and the certificates issued for the coordinator itself."""
+        return self.state_dir / "pki"
+
+    @property
+    def node_keys_dir(self) -> Path:
+        """One OpenSSH public key per active site: the SuperNodes the SuperLink accepts."""
+        return self.state_dir / "supernode-keys"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The coordinator's Ed25519 key that signs model manifests."""
+        return self.state_dir / "signing.key"
+
+    @property
+    def objects_root(self) -> Path:
+        """The local object store's root."""
+        return self.objects_dir or self.state_dir / "objects"
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the API serves HTTPS."""
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret from a file that only its owner may read."""
+    if path.stat().st_mode & 0o077:
+        raise PermissionError(f"{path} is readable by others; run `chmod 600 {path}`")
+    return path.read_text().strip()
+
+
+def load_settings(state_dir: Path) -> CoordinatorSettings:
+    """Settings of an initialised state directory; EVOCLONE_COORDINATOR_* variables win over the file."""
+    path = state_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{state_dir} is not a coordinator state directory (no {SETTINGS_FILE}); "
+                                f"run `evoclone coordinator init --state-dir {state_dir}`")
+    values = {k: v for k, v in json.loads(path.read_text()).items() if f"{ENV_PREFIX}{k.upper()}" not in os.environ}
+    secret = state_dir / JWT_SECRET_FILE
+    if f"{ENV_PREFIX}JWT_SECRET" not in os.environ and secret.is_file():
+        values["jwt_secret"] = read_secret_file(secret)
+    values.pop("state_dir", None)
+    return CoordinatorSettings(state_dir=state_dir, **values)
+
+
+@lru_cache(maxsize=8)
+def get_settings(state_dir: Path | None = None) -> CoordinatorSettings:
+    """The coordinator's settings (cached): the given state directory or $EVOCLONE_COORDINATOR_STATE_DIR."""
+    if state_dir is None:
+        env = os.environ.get(f"{ENV_PREFIX}STATE_DIR")
+        if not env:
+            raise RuntimeError(f"no coordinator state directory: set {ENV_PREFIX}STATE_DIR or pass --state-dir")
+        state_dir = Path(env)
+    return load_settings(Path(state_dir))
