@@ -165,7 +165,7 @@ def procova(
     with _Bars() as bars:
         doc, data = _run(run_procova, opts, on_progress=bars)
     if report is not None:
-        from .trial_report import procova_report
+        from .procova_report import procova_report
 
         _run(procova_report, doc, arm=data["arm"], score=data["score"], y=data.get("y"), time=data.get("time"),
              event=data.get("event"), horizon=data["horizon"], curve=data["curve"], path=report)
@@ -216,7 +216,7 @@ def sample_size(
         raise fail(str(exc).splitlines()[0], 2) from None
     doc.update(effect=effect, sd=sd, power=power, alpha=alpha, ratio=ratio)
     if report is not None:
-        from .trial_report import sample_size_report
+        from .procova_report import sample_size_report
 
         _run(sample_size_report, doc, curve=points, path=report)
     if as_json:

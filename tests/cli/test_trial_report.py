@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from evoclone.cli.trial_report import _est_ci, _p, procova_report, sample_size_report, simulate_report
+from evoclone.cli.procova_report import procova_report, sample_size_report
+from evoclone.cli.trial_report import _est_ci, _p, simulate_report
 
 EFFECTS = {
     "time_to_event": ({"measure": "hazard_ratio", "estimate": 0.71, "ci_low": 0.55, "ci_high": 0.90},
