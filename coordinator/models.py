@@ -62,7 +62,7 @@ class RunStatus(str, Enum):
 class UserBase(SQLModel):
     """Columns shared by the user table and its views."""
 
-    username: str = Field(min_length=1, max_length=64, regex=NAME_PATTERN, index=True, unique=True)
+    username: str = Field(min_length=1, max_length=64, schema_extra={"pattern": NAME_PATTERN}, index=True, unique=True)
     role: Role
 
 
@@ -105,7 +105,7 @@ class UserPublic(UserBase):
 class SiteBase(SQLModel):
     """Columns shared by the site table and its views."""
 
-    name: str = Field(min_length=1, max_length=64, regex=NAME_PATTERN, index=True, unique=True)
+    name: str = Field(min_length=1, max_length=64, schema_extra={"pattern": NAME_PATTERN}, index=True, unique=True)
 
 
 class SiteCreate(SiteBase):
@@ -171,7 +171,7 @@ class StudyBase(SQLModel):
 
     name: str = Field(min_length=1, max_length=128, index=True, unique=True)
     indication: str = Field(min_length=1, max_length=256)
-    phase: str = Field(min_length=1, max_length=16, regex=r"^(0|I|II|III|IV|I/II|II/III|1|2|3|4)$")
+    phase: str = Field(min_length=1, max_length=16, schema_extra={"pattern": r"^(0|I|II|III|IV|I/II|II/III|1|2|3|4)$"})
     arms: list[str] = Field(sa_column=Column(JSON, nullable=False))
     endpoints: list[str] = Field(sa_column=Column(JSON, nullable=False))
     inclusion_criteria: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -11,6 +11,15 @@ from sqlmodel import Session
 PASSWORD = "correct horse battery staple"
 
 
+@pytest.fixture(autouse=True)
+def cheap_argon2(monkeypatch):
+    """Fast argon2 parameters: the tests check behaviour, not the cost (production keeps the library default)."""
+    from argon2 import PasswordHasher
+
+    monkeypatch.setattr("evoclone.coordinator.security._hasher",
+                        lambda: PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+
+
 @pytest.fixture
 def state_dir(tmp_path):
     """A fresh coordinator state directory (SQLite database inside it)."""
