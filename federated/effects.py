@@ -31,7 +31,6 @@ from evoclone.federated.sample_size import compare
 
 ENDPOINTS = ("time_to_event", "binary", "continuous")
 MIN_EVENTS = 10
-MEASURES = {"continuous": "mean_difference", "binary": "risk_difference", "time_to_event": "hazard_ratio"}
 # Efficiency gains past this are not credible and would make the sample-size solver divide by ~0.
 MAX_GAIN = 0.99
 
