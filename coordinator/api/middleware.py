@@ -42,11 +42,11 @@ def route_template(scope: Scope) -> str:
     return getattr(context, "path", None) or getattr(scope.get("route"), "path", None) or "<unmatched>"
 
 
-async def _json(send: Send, status: int, body: dict, request_id: str) -> None:
+async def _json(send: Send, status: int, body: dict) -> None:
+    """Answer with a JSON body (the caller's send adds X-Request-ID)."""
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"x-request-id", request_id.encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -86,20 +86,20 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(headers, receive, send_wrapper, rid)
+            body = await self._read_body(headers, receive, send_wrapper)
             if body is not None:
                 await self._call_with_retries(scope, body, receive, send_wrapper, rid, sent)
         finally:
             await self._observe(scope, rid, sent["status"], time.perf_counter() - t0)
 
-    async def _read_body(self, headers: dict, receive: Receive, send: Send, rid: str) -> bytes | None:
+    async def _read_body(self, headers: dict, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (or when the client went away)."""
         limit = self.settings.max_body_bytes
         too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less "
                              "(EVOCLONE_COORDINATOR_MAX_BODY_BYTES sets the limit)"}
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
-            await _json(send, 413, too_big, rid)
+            await _json(send, 413, too_big)
             return None
         chunks, size = [], 0
         while True:
@@ -109,7 +109,7 @@ class ServiceMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _json(send, 413, too_big, rid)
+                await _json(send, 413, too_big)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -146,11 +146,11 @@ class ServiceMiddleware:
                     continue
                 if is_transient(exc):
                     await _json(send, 503, {"detail": "the database is not reachable; retry in a few seconds "
-                                                      f"(request id {rid})"}, rid)
+                                                      f"(request id {rid})"})
                     return
                 log.exception("request %s failed", rid)
                 await _json(send, 500, {"detail": f"internal error; give the operator request id {rid}",
-                                        "request_id": rid}, rid)
+                                        "request_id": rid})
                 return
 
     async def _observe(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
