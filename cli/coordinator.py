@@ -76,7 +76,7 @@ def user_add(state_dir: StateDir,
              ) -> None:
     """Add a user; the password (12+ characters) is prompted for or read from stdin.
 
-    Example: echo "$PASSWORD" | evoclone coordinator user add --state-dir ./coord --username ana --role sponsor --password-stdin
+    Example: evoclone coordinator user add --state-dir ./coord --username ana --role sponsor
     """
     from pydantic import ValidationError
     from sqlmodel import Session

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -90,6 +91,14 @@ class LinkSupervisor:
         self.group.stop()
 
 
+class StopRequested(Exception):
+    """SIGTERM arrived: unwind so that the SuperLink is stopped too."""
+
+
+def _stop_requested(_signum, _frame) -> None:
+    raise StopRequested
+
+
 def prepare(settings: CoordinatorSettings) -> None:
     """Create missing tables and write the active sites' SuperNode keys before anything starts."""
     engine = make_engine(settings)
@@ -107,6 +116,9 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
     import uvicorn
 
     prepare(settings)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it to the handler it found; with Python's
+    # default that kills the process before the SuperLink is stopped, so the handler found is this one.
+    previous = signal.signal(signal.SIGTERM, _stop_requested)
     os.environ[f"{ENV_PREFIX}STATE_DIR"] = str(Path(settings.state_dir).absolute())  # the workers' app factory
     supervisor = LinkSupervisor(settings) if superlink else None
     try:
@@ -117,6 +129,9 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
         uvicorn.run("evoclone.coordinator.api.main:app_from_env", factory=True, host=host, port=port,
                     workers=workers, log_level=log_level, proxy_headers=False, server_header=False,
                     timeout_graceful_shutdown=10, **tls)
+    except StopRequested:
+        log.info("SIGTERM: stopping")
     finally:
         if supervisor is not None:
             supervisor.stop()
+        signal.signal(signal.SIGTERM, previous)
