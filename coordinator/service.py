@@ -121,9 +121,14 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
     previous = signal.signal(signal.SIGTERM, _stop_requested)
     os.environ[f"{ENV_PREFIX}STATE_DIR"] = str(Path(settings.state_dir).absolute())  # the workers' app factory
     supervisor = LinkSupervisor(settings) if superlink else None
+    dispatcher = None
     try:
         if supervisor is not None:
+            from .dispatcher import RunDispatcher
+
             supervisor.start()
+            dispatcher = RunDispatcher(settings, supervisor.link, on_finished=_register_model)
+            dispatcher.start()
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} \
             if settings.tls_enabled else {}
         uvicorn.run("evoclone.coordinator.api.main:app_from_env", factory=True, host=host, port=port,
@@ -132,6 +137,18 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
     except StopRequested:
         log.info("SIGTERM: stopping")
     finally:
+        if dispatcher is not None:
+            dispatcher.stop()
         if supervisor is not None:
             supervisor.stop()
+
+
+def _register_model(session: Session, run, model_dir: Path) -> None:
+    """A finished run's model goes into the registry (when the registry is installed)."""
+    try:
+        from .registry import register_run_model
+    except ImportError:
+        log.warning("run %s finished; no model registry to record %s in", run.id, model_dir)
+        return
+    register_run_model(session=session, run=run, model_dir=model_dir)
         signal.signal(signal.SIGTERM, previous)
