@@ -14,6 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Text
 from sqlmodel import Field, SQLModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_ID = 2**31 - 1  # ids are 32-bit integer columns on PostgreSQL
 
 
 def utcnow() -> datetime:
@@ -209,6 +210,8 @@ class StudyCreate(StudyBase):
     def _sites(cls, v: list[int]) -> list[int]:
         if not v or len(set(v)) != len(v) or len(v) > 1000:
             raise ValueError("site_ids lists each participating site once (at least one)")
+        if any(not 1 <= i <= MAX_ID for i in v):
+            raise ValueError(f"site ids are between 1 and {MAX_ID}; list sites with GET /api/v1/sites")
         return v
 
     @model_validator(mode="after")

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session, select
 
-from ..models import User
+from ..models import MAX_ID, User
 from ..security import ACCESS, TokenError, decode_token
 from ..settings import CoordinatorSettings
 
@@ -97,3 +97,5 @@ def request_id(request: Request) -> str:
 
 
 RequestId = Annotated[str, Depends(request_id)]
+# Ids in paths stay within the 32-bit integer columns: a larger number is a 422, not a database overflow.
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="a record id")]

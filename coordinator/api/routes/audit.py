@@ -22,7 +22,7 @@ class ChainStatus(BaseModel):
 
 
 @router.get("/events", response_model=list[AuditEventPublic])
-def events(user: AuditorUser, session: SessionDep, after: int = Query(0, ge=0),
+def events(user: AuditorUser, session: SessionDep, after: int = Query(0, ge=0, le=2**62),
            limit: int = Query(100, ge=1, le=1000)) -> list[AuditEvent]:
     """Audit events after a sequence number, oldest first."""
     return trail.list_events(session=session, after=after, limit=limit)

@@ -8,7 +8,7 @@ from ... import sites as store
 from ...audit import append_event
 from ...models import Site, SiteCertificate, SiteCreate, SitePublic, SiteStatus
 from ...state import study_ca
-from ..deps import AdminUser, ReaderUser, RequestId, SessionDep, SettingsDep
+from ..deps import IdPath, AdminUser, ReaderUser, RequestId, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/sites", tags=["sites"])
 
@@ -33,13 +33,13 @@ def list_sites(user: ReaderUser, session: SessionDep, status: SiteStatus | None 
 
 
 @router.get("/{site_id}", response_model=SitePublic)
-def show(site_id: int, user: ReaderUser, session: SessionDep) -> Site:
+def show(site_id: IdPath, user: ReaderUser, session: SessionDep) -> Site:
     """One site."""
     return store.get_site(session=session, site_id=site_id)
 
 
 @router.post("/{site_id}/accept", response_model=SitePublic)
-def accept(site_id: int, user: AdminUser, session: SessionDep, settings: SettingsDep, rid: RequestId) -> Site:
+def accept(site_id: IdPath, user: AdminUser, session: SessionDep, settings: SettingsDep, rid: RequestId) -> Site:
     """Accept a pending site: issue its certificate from the study CA and authorise its SuperNode key."""
     ca_key, ca_cert = study_ca(settings)
     site = store.accept_site(session=session, site_id=site_id, ca_key_pem=ca_key, ca_cert_pem=ca_cert)
@@ -53,7 +53,7 @@ def accept(site_id: int, user: AdminUser, session: SessionDep, settings: Setting
 
 
 @router.post("/{site_id}/revoke", response_model=SitePublic)
-def revoke(site_id: int, user: AdminUser, session: SessionDep, settings: SettingsDep, rid: RequestId) -> Site:
+def revoke(site_id: IdPath, user: AdminUser, session: SessionDep, settings: SettingsDep, rid: RequestId) -> Site:
     """Revoke a site: its SuperNode key is withdrawn; it may enrol again later."""
     site = store.revoke_site(session=session, site_id=site_id)
     append_event(session=session, action="site.revoke", outcome="ok", actor=user.username, role=user.role,
@@ -65,7 +65,7 @@ def revoke(site_id: int, user: AdminUser, session: SessionDep, settings: Setting
 
 
 @router.get("/{site_id}/certificate", response_model=SiteCertificate)
-def certificate(site_id: int, session: SessionDep, settings: SettingsDep) -> SiteCertificate:
+def certificate(site_id: IdPath, session: SessionDep, settings: SettingsDep) -> SiteCertificate:
     """An accepted site's certificate and the study CA (public material: no token needed)."""
     _, ca_cert = study_ca(settings)
     return store.site_certificate(session=session, site_id=site_id, ca_cert_pem=ca_cert)

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Query, status
 
 from ... import studies as store
 from ...audit import append_event
-from ...models import Study, StudyCreate, StudyPublic, StudyStatus, StudyUpdate
-from ..deps import ReaderUser, RequestId, SessionDep, SponsorUser
+from ...models import MAX_ID, Study, StudyCreate, StudyPublic, StudyStatus, StudyUpdate
+from ..deps import IdPath, ReaderUser, RequestId, SessionDep, SponsorUser
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -26,19 +26,19 @@ def create(body: StudyCreate, user: SponsorUser, session: SessionDep, rid: Reque
 
 @router.get("", response_model=list[StudyPublic])
 def list_studies(user: ReaderUser, session: SessionDep, status: StudyStatus | None = None,
-                 offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> list[Study]:
+                 offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)) -> list[Study]:
     """Studies by id."""
     return store.list_studies(session=session, status=status, offset=offset, limit=limit)
 
 
 @router.get("/{study_id}", response_model=StudyPublic)
-def show(study_id: int, user: ReaderUser, session: SessionDep) -> Study:
+def show(study_id: IdPath, user: ReaderUser, session: SessionDep) -> Study:
     """One study."""
     return store.get_study(session=session, study_id=study_id)
 
 
 @router.patch("/{study_id}", response_model=StudyPublic, responses={409: {"description": "not allowed now"}})
-def update(study_id: int, body: StudyUpdate, user: SponsorUser, session: SessionDep, rid: RequestId) -> Study:
+def update(study_id: IdPath, body: StudyUpdate, user: SponsorUser, session: SessionDep, rid: RequestId) -> Study:
     """Change a study's status (draft → active ⇄ paused → closed)."""
     study = store.set_study_status(session=session, study_id=study_id, status=body.status)
     append_event(session=session, action="study.status", outcome="ok", actor=user.username, role=user.role,
