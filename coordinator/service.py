@@ -141,6 +141,7 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
             dispatcher.stop()
         if supervisor is not None:
             supervisor.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _register_model(session: Session, run, model_dir: Path) -> None:
@@ -151,4 +152,3 @@ def _register_model(session: Session, run, model_dir: Path) -> None:
         log.warning("run %s finished; no model registry to record %s in", run.id, model_dir)
         return
     register_run_model(session=session, run=run, model_dir=model_dir)
-        signal.signal(signal.SIGTERM, previous)
