@@ -9,9 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .coordinator import coordinator_app
 from .data import data_app
 from .pki import pki_app
 from .site import site_app
+from .sponsor import login as login_cmd
+from .sponsor import round_app, study_app
 from .train import app_app
 from .train import train as train_cmd
 from .trial import analyze_app, trial_app
@@ -27,6 +30,10 @@ app.add_typer(trial_app, name="trial")
 app.add_typer(analyze_app, name="analyze")
 app.command("train")(train_cmd)
 app.add_typer(app_app, name="app")
+app.add_typer(coordinator_app, name="coordinator")
+app.command("login")(login_cmd)
+app.add_typer(study_app, name="study")
+app.add_typer(round_app, name="round")
 err = Console(stderr=True)
 
 

@@ -1,0 +1,112 @@
+"""`evoclone login|study|round` against a real `evoclone coordinator serve` process over HTTPS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from evoclone.cli.coordinator import coordinator_app
+from evoclone.cli.main import app
+from evoclone.federated.flower.runtime import free_port, http_ok
+
+PASSWORD = "correct horse battery staple"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
+    """A served coordinator (API only) with an admin, a sponsor and two accepted sites."""
+    from argon2 import PasswordHasher  # noqa: F401 (the server's real hashing; users are few)
+
+    from tests.coordinator.conftest import enrol_payload
+
+    d = tmp_path_factory.mktemp("coord") / "state"
+    assert runner.invoke(coordinator_app, ["init", "--state-dir", str(d)]).exit_code == 0
+    for user, role in (("root", "admin"), ("alice", "sponsor")):
+        r = runner.invoke(coordinator_app, ["user", "add", "--state-dir", str(d), "--username", user, "--role", role,
+                                            "--password-stdin"], input=PASSWORD + "\n")
+        assert r.exit_code == 0, r.output
+    port, ca = free_port(), d / "pki" / "ca.pem"
+    base = f"https://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", "from evoclone.cli.coordinator import coordinator_app; "
+                             "coordinator_app()", "serve", "--state-dir", str(d), "--port", str(port), "--no-superlink"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, delay = time.monotonic() + 60, 0.05
+    while not http_ok(f"{base}/health", cafile=ca):
+        assert proc.poll() is None and time.monotonic() < deadline, "coordinator did not come up"
+        time.sleep(delay)  # polling the health endpoint, backing off
+        delay = min(delay * 1.5, 0.5)
+    with httpx.Client(base_url=base, verify=str(ca)) as c:
+        token = c.post("/api/v1/auth/token", data={"username": "root", "password": PASSWORD}).json()["access_token"]
+        for name in ("north", "south"):
+            site = c.post("/api/v1/sites/enrol", json=enrol_payload(name)).json()
+            assert c.post(f"/api/v1/sites/{site['id']}/accept", headers={"Authorization": f"Bearer {token}"}
+                          ).status_code == 200
+    yield base, ca
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOCLONE_CONFIG", str(tmp_path / "cfg" / "coordinator.json"))
+    for var in ("EVOCLONE_COORDINATOR_URL", "EVOCLONE_TOKEN", "EVOCLONE_COORDINATOR_CA"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "cfg" / "coordinator.json"
+
+
+def _ok(args, **kw):
+    r = runner.invoke(app, args, **kw)
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
+def test_sponsor_creates_a_study_and_launches_follows_and_stops_a_run(coordinator, env):
+    base, ca = coordinator
+    assert runner.invoke(app, ["study", "list"]).exit_code == 2  # nowhere to go yet
+    bad = runner.invoke(app, ["login", "--url", base, "--username", "alice", "--ca", str(ca), "--password-stdin"],
+                        input="wrong password\n")
+    assert bad.exit_code == 2 and "401" in bad.stderr and not env.exists()
+    _ok(["login", "--url", base, "--username", "alice", "--ca", str(ca), "--password-stdin"], input=PASSWORD + "\n")
+    assert env.stat().st_mode & 0o777 == 0o600 and json.loads(env.read_text())["refresh_token"]
+    r = runner.invoke(app, ["study", "create", "--name", "x", "--indication", "y", "--phase", "III", "--arms", "a,b",
+                            "--endpoints", "os", "--sites", "north,nowhere"])
+    assert r.exit_code == 2 and "unknown sites ['nowhere']" in r.stderr
+    study = json.loads(_ok(["study", "create", "--name", "gbsg", "--indication", "breast cancer", "--phase", "III",
+                            "--arms", "no,yes", "--endpoints", "rfs", "--sites", "north,south", "--epsilon", "2",
+                            "--json"]).stdout)
+    assert study["status"] == "draft" and study["target_epsilon"] == 2
+    r = runner.invoke(app, ["round", "launch", "--study", str(study["id"]), "--covariates", "age,pnodes"])
+    assert r.exit_code == 2 and "not active" in r.stderr
+    _ok(["study", "activate", str(study["id"])])
+    run = json.loads(_ok(["round", "launch", "--study", str(study["id"]), "--covariates", "age,pnodes", "--rounds",
+                          "3", "--json"]).stdout)
+    assert run["status"] == "pending" and run["config"]["covariates"] == ["age", "pnodes"]
+    status = json.loads(_ok(["round", "status", str(run["id"]), "--json"]).stdout)
+    assert status["rounds_done"] == 0 and status["status"] == "pending"
+    _ok(["round", "stop", str(run["id"])])
+    shown = json.loads(_ok(["study", "show", str(study["id"]), "--json"]).stdout)
+    assert [r["status"] for r in shown["runs"]] == ["stopped"]
+    listed = json.loads(_ok(["study", "list", "--json"]).stdout)
+    assert [s["name"] for s in listed] == ["gbsg"]
+
+
+def test_an_expired_access_token_is_refreshed_once(coordinator, env):
+    base, ca = coordinator
+    _ok(["login", "--url", base, "--username", "alice", "--ca", str(ca), "--password-stdin"], input=PASSWORD + "\n")
+    doc = json.loads(env.read_text())
+    env.write_text(json.dumps({**doc, "access_token": "expired.or.forged"}))
+    _ok(["study", "list"])
+    assert json.loads(env.read_text())["access_token"] != "expired.or.forged"  # rotated and kept
+    env.write_text(json.dumps({**doc, "access_token": "x.y.z", "refresh_token": "used.or.forged"}))
+    r = runner.invoke(app, ["study", "list"])
+    assert r.exit_code == 2 and "evoclone login" in r.stderr
