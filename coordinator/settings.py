@@ -40,6 +40,14 @@ class CoordinatorSettings(BaseSettings):
     suppression_min_count: int = Field(10, ge=1)
     canary_margin: float = Field(0.02, ge=0, le=1)
     db_retry_seconds: float = Field(10.0, ge=0)  # how long a request waits for the database to come back
+    # drift: a feature is flagged when a statistic exceeds its threshold (None: that statistic never flags);
+    # PSI above 0.2 is the usual "major shift" rule of thumb
+    drift_psi_threshold: float | None = Field(0.2, gt=0)
+    drift_ks_threshold: float | None = Field(None, gt=0, le=1)
+    drift_mmd_threshold: float | None = Field(None, gt=0)
+    drift_outcome_threshold: float | None = Field(0.1, gt=0, le=1)  # absolute change of an outcome rate
+    drift_retrain_min_flags: int = Field(1, ge=0)  # flags in one report that request retraining (0: never)
+    compliance_max_age_days: int = Field(30, ge=1)  # an older self-check no longer counts as evidence
 
     @field_validator("jwt_secret")
     @classmethod
