@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from ... import runs as store
 from ...audit import append_event
 from ...models import Run, RunPublic
-from ..deps import ReaderUser, RequestId, SessionDep, SponsorUser
+from ..deps import IdPath, ReaderUser, RequestId, SessionDep, SponsorUser
 
 router = APIRouter(tags=["runs"])
 
@@ -28,7 +28,7 @@ class RunList(BaseModel):
 
 @router.post("/studies/{study_id}/runs", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,
              responses={404: {"description": "no such study"}, 409: {"description": "study not active or busy"}})
-def launch(study_id: int, body: store.LaunchRequest, user: SponsorUser, session: SessionDep, rid: RequestId) -> Run:
+def launch(study_id: IdPath, body: store.LaunchRequest, user: SponsorUser, session: SessionDep, rid: RequestId) -> Run:
     """Queue a federated run of an active study; the coordinator's SuperLink process submits it."""
     run = store.launch_run(session=session, study_id=study_id, rounds=body.rounds, config=body.config,
                            created_by=user.username)
@@ -47,7 +47,7 @@ def list_runs(user: ReaderUser, session: SessionDep, study: int | None = None) -
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"description": "no such run"}})
-def show(run_id: int, user: ReaderUser, session: SessionDep) -> RunDetail:
+def show(run_id: IdPath, user: ReaderUser, session: SessionDep) -> RunDetail:
     """A run's status with every round's aggregate and per-site figures (epsilon, losses, metrics)."""
     run = store.get_run(session=session, run_id=run_id)
     history = store.rounds_view(store.round_metrics(session=session, run_id=run_id))
@@ -56,7 +56,7 @@ def show(run_id: int, user: ReaderUser, session: SessionDep) -> RunDetail:
 
 
 @router.post("/runs/{run_id}/stop", response_model=RunPublic, responses={409: {"description": "already ended"}})
-def stop(run_id: int, user: SponsorUser, session: SessionDep, rid: RequestId) -> Run:
+def stop(run_id: IdPath, user: SponsorUser, session: SessionDep, rid: RequestId) -> Run:
     """Stop a queued or running run (a running one stops at the SuperLink within a poll)."""
     run = store.request_stop(session=session, run_id=run_id)
     append_event(session=session, action="run.stop", outcome="ok", actor=user.username, role=user.role,

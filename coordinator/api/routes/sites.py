@@ -8,7 +8,7 @@ from ... import sites as store
 from ...audit import append_event
 from ...models import Site, SiteCertificate, SiteCreate, SitePublic, SiteStatus
 from ...state import study_ca
-from ..deps import IdPath, AdminUser, ReaderUser, RequestId, SessionDep, SettingsDep
+from ..deps import AdminUser, IdPath, ReaderUser, RequestId, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/sites", tags=["sites"])
 
