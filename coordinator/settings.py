@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EVOCLONE_COORDINATOR_"
@@ -55,6 +55,15 @@ class CoordinatorSettings(BaseSettings):
         if len(set(v.get_secret_value())) < 8:
             raise ValueError("jwt_secret looks like a placeholder; run `evoclone coordinator init` to generate one")
         return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> CoordinatorSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key (or neither, for plain HTTP behind a TLS proxy)")
+        if self.minio_endpoint and not (self.minio_access_key and self.minio_secret_key.get_secret_value()):
+            raise ValueError("minio_endpoint is set but minio_access_key or minio_secret_key is empty; set "
+                             "EVOCLONE_COORDINATOR_MINIO_ACCESS_KEY and EVOCLONE_COORDINATOR_MINIO_SECRET_KEY")
+        return self
 
     @property
     def db_url(self) -> str:
