@@ -393,4 +393,7 @@ class Message(SQLModel):
     detail: str
 
 
+from . import registry_models  # noqa: E402,F401  (the model registry's tables, in their own module for size)
+
+
 from . import report_models  # noqa: E402,F401  (registers the site report tables: drift, compliance, report keys)
