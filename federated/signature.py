@@ -77,7 +77,7 @@ def sign_manifest(key: Ed25519PrivateKey, manifest: dict) -> str:
 
 
 def manifest_files(manifest: dict) -> dict[str, tuple[str, str]]:
-    """Every file a manifest names: {file name: ("sha256" | "vocabulary", expected hash)}; SignatureError if malformed."""
+    """Every file a manifest names: {name: ("sha256" | "vocabulary", expected hash)}; SignatureError if malformed."""
     comps = manifest.get("components") if isinstance(manifest, dict) else None
     if not isinstance(comps, dict) or not comps:
         raise SignatureError("the manifest lists no components; it is not a model manifest")

@@ -247,8 +247,8 @@ def test_bad_uploads_are_refused_without_a_partial_write(pg_client, headers_for,
 def test_canary_and_report_bad_input(client, headers_for, tmp_path):
     study, sponsor, tok = setup_study(client, headers_for, names=("site-a", "site-b"))
     admin = headers_for(client, "admin")
-    outsider = active_site(client, admin, "site-x")  # active, but not in the study
-    pending = client.post("/api/v1/sites/enrol", json=enrol_payload("site-p")).json()["id"]
+    active_site(client, admin, "site-x")  # active, but not in the study
+    assert client.post("/api/v1/sites/enrol", json=enrol_payload("site-p")).status_code == 202  # pending
     v1 = upload(client, sponsor, study, model_dir(tmp_path, 1)).json()["id"]
     canary = lambda sites, **kw: client.post(f"/api/v1/models/{v1}/canary", headers=sponsor,  # noqa: E731
                                              json={"sites": sites, **kw})
