@@ -30,7 +30,7 @@ def test_no_server_errors(client, admin_headers):
     assert len(operations) >= 15
     for operation in operations:
         @given(operation.as_strategy())
-        @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=8, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def no_5xx(case) -> None:
             case.call_and_validate(headers=admin_headers, checks=[not_a_server_error])

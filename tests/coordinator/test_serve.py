@@ -83,7 +83,8 @@ def _call(url: str, ca: Path, *, data: dict | None = None, token: str | None = N
         return json.loads(r.read())
 
 
-@pytest.mark.parametrize("superlink", [False, True], ids=["api-only", "with-superlink"])
+@pytest.mark.parametrize("superlink", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["api-only", "with-superlink"])  # slow: a real Flower SuperLink
 def test_serve_https_health_superlink_sync_and_sigterm(tmp_path, superlink):
     link_port = free_port()
     d = _init(tmp_path, "--superlink-port", str(link_port))
