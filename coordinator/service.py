@@ -127,7 +127,8 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
             from .dispatcher import RunDispatcher
 
             supervisor.start()
-            dispatcher = RunDispatcher(settings, supervisor.link, on_finished=_register_model)
+            dispatcher = RunDispatcher(settings, supervisor.link,
+                                       on_finished=lambda s, run, d: _register_model(s, run, d, settings))
             dispatcher.start()
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} \
             if settings.tls_enabled else {}
@@ -144,11 +145,11 @@ def serve(settings: CoordinatorSettings, *, host: str, port: int, workers: int =
         signal.signal(signal.SIGTERM, previous)
 
 
-def _register_model(session: Session, run, model_dir: Path) -> None:
+def _register_model(session: Session, run, model_dir: Path, settings: CoordinatorSettings) -> None:
     """A finished run's model goes into the registry (when the registry is installed)."""
     try:
         from .registry import register_run_model
     except ImportError:
         log.warning("run %s finished; no model registry to record %s in", run.id, model_dir)
         return
-    register_run_model(session=session, run=run, model_dir=model_dir)
+    register_run_model(session=session, run=run, model_dir=model_dir, settings=settings)

@@ -99,10 +99,17 @@ def test_dispatcher_runs_a_queued_run_on_a_real_superlink(client, headers_for, t
                     json={"rounds": 2, "config": {**CONFIG, "local_epochs": 1}})
     assert r.status_code == 202, r.text
     run_id = r.json()["id"]
+    from evoclone.coordinator.registry import register_run_model
+
     registered = []
     settings = client.app.state.settings
+
+    def register(session, run, model_dir):
+        registered.append(model_dir)
+        register_run_model(session=session, run=run, model_dir=model_dir, settings=settings)
+
     with Federation(tmp_path / "sites", parts, insecure=True, engine="deployment") as fed:
-        dispatcher = RunDispatcher(settings, fed.link, on_finished=lambda s, run, d: registered.append(d))
+        dispatcher = RunDispatcher(settings, fed.link, on_finished=register)
         dispatcher.tick()
         dispatcher.stop()
     shown = client.get(f"/api/v1/runs/{run_id}", headers=sponsor).json()
@@ -115,3 +122,6 @@ def test_dispatcher_runs_a_queued_run_on_a_real_superlink(client, headers_for, t
     entry = json.loads((registered[0] / "manifest.json").read_text())["components"]["predictor"]
     assert entry["study"] == "gbsg" and entry["run"] == run_id and entry["columns"]["covariates"] == ["age", "pnodes"]
     assert pd.notna(shown["finished_at"])
+    models = client.get(f"/api/v1/models?study={study}", headers=sponsor).json()
+    models = models["models"] if isinstance(models, dict) else models
+    assert len(models) == 1 and models[0]["status"] == "registered" and models[0]["signature"]
