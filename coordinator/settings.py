@@ -37,6 +37,8 @@ class CoordinatorSettings(BaseSettings):
     minio_bucket: str = "evoclone-coordinator"
     minio_secure: bool = True
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # model uploads (POST /studies/{id}/models) carry weights: their own, larger limit
+    max_upload_bytes: int = Field(512 << 20, ge=1024)
     suppression_min_count: int = Field(10, ge=1)
     canary_margin: float = Field(0.02, ge=0, le=1)
     db_retry_seconds: float = Field(10.0, ge=0)  # how long a request waits for the database to come back

@@ -19,6 +19,7 @@ from ..security import ACCESS, TokenError, decode_token
 
 log = logging.getLogger("evoclone.coordinator")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MODEL_UPLOAD = re.compile(r"^/api/v1/studies/[^/]+/models/?$")
 
 
 class Metrics:
@@ -59,8 +60,8 @@ class ServiceMiddleware:
     def _caller(self, scope: Scope) -> tuple[str, str, str]:
         """(actor, role, note) from a bearer token, when one is sent."""
         auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        if not auth.lower().startswith("bearer "):
-            return "", "", ""
+        if not auth.lower().startswith("bearer ") or auth[7:].strip().startswith("evs_"):
+            return "", "", ""  # site API tokens are not JWTs: the site dependency names the caller
         try:
             claims = decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
         except TokenError:
@@ -86,17 +87,19 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(headers, receive, send_wrapper)
+            body = await self._read_body(headers, receive, send_wrapper, scope)
             if body is not None:
                 await self._call_with_retries(scope, body, receive, send_wrapper, rid, sent)
         finally:
             await self._observe(scope, rid, sent["status"], time.perf_counter() - t0)
 
-    async def _read_body(self, headers: dict, receive: Receive, send: Send) -> bytes | None:
+    async def _read_body(self, headers: dict, receive: Receive, send: Send, scope: Scope) -> bytes | None:
         """The whole body, or None after answering 413 (or when the client went away)."""
-        limit = self.settings.max_body_bytes
+        upload = scope.get("method") == "POST" and MODEL_UPLOAD.match(scope.get("path", "")) is not None
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        knob = "MAX_UPLOAD_BYTES" if upload else "MAX_BODY_BYTES"
         too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less "
-                             "(EVOCLONE_COORDINATOR_MAX_BODY_BYTES sets the limit)"}
+                             f"(EVOCLONE_COORDINATOR_{knob} sets the limit)"}
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
             await _json(send, 413, too_big)

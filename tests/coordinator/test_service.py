@@ -112,3 +112,20 @@ def test_database_unreachable_is_503_not_a_traceback(settings):
     r = client.post("/api/v1/sites/enrol", json=enrol_payload("site-a"))
     assert r.status_code == 503 and r.json()["detail"].startswith("the database is not reachable; retry")
     assert "Traceback" not in r.text
+
+
+def test_model_uploads_have_their_own_body_limit(settings):
+    from fastapi.testclient import TestClient
+
+    from evoclone.coordinator.api.main import create_app
+
+    small = settings.model_copy(update={"max_body_bytes": 2048, "max_upload_bytes": 1 << 16})
+    with TestClient(create_app(small), raise_server_exceptions=False) as client:
+        big = b"x" * 4096
+        r = client.post("/api/v1/studies", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "MAX_BODY_BYTES" in r.json()["detail"]
+        # an upload of the same size passes the size check (and stops at authentication instead)
+        r = client.post("/api/v1/studies/1/models", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 401
+        r = client.post("/api/v1/studies/1/models", content=b"x" * (1 << 17), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "MAX_UPLOAD_BYTES" in r.json()["detail"]
