@@ -14,7 +14,7 @@ from .data import data_app
 from .pki import pki_app
 from .site import site_app
 from .sponsor import login as login_cmd
-from .sponsor import round_app, study_app
+from .sponsor import model_app, round_app, study_app
 from .train import app_app
 from .train import train as train_cmd
 from .trial import analyze_app, trial_app
@@ -34,6 +34,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.command("login")(login_cmd)
 app.add_typer(study_app, name="study")
 app.add_typer(round_app, name="round")
+app.add_typer(model_app, name="model")
 err = Console(stderr=True)
 
 

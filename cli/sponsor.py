@@ -225,3 +225,78 @@ def round_stop(run_id: Annotated[int, typer.Argument(help="run id")]) -> None:
     """
     run = call("POST", f"/api/v1/runs/{run_id}/stop")
     err.print(f"run {run['id']}: {run['status']}" + (" (stopping at the SuperLink)" if run["status"] == "running" else ""))
+
+
+model_app = typer.Typer(no_args_is_help=True, help="The model registry: versions, canary rollout, promote, rollback.")
+
+
+@model_app.command("list")
+def model_list(study: Annotated[int | None, typer.Option(help="only this study's versions")] = None,
+               as_json: AsJson = False) -> None:
+    """Registered model versions with their status and lineage.
+
+    Example: evoclone model list --study 1
+    """
+    models = call("GET", "/api/v1/models", params={"study": study} if study is not None else None)
+    if as_json:
+        typer.echo(json.dumps(models))
+        return
+    t = Table("id", "status", "run", "sites", "max epsilon", "created", title="Model versions")
+    for m in models:
+        eps = [v for v in m["lineage"]["epsilon_per_site"].values() if v is not None]
+        t.add_row(m["id"], m["status"], str(m["run_id"] or ""), ", ".join(m["lineage"]["sites"]),
+                  f"{max(eps):.3f}" if eps else "", m["created_at"][:19])
+    err.print(t)
+
+
+@model_app.command("show")
+def model_show(model_id: Annotated[str, typer.Argument(help="version id, e.g. s1-v2")], as_json: AsJson = False) -> None:
+    """One version: lineage, signature, rollouts.
+
+    Example: evoclone model show s1-v2
+    """
+    m = call("GET", f"/api/v1/models/{model_id}")
+    if as_json:
+        typer.echo(json.dumps(m))
+        return
+    lin = m["lineage"]
+    err.print(f"[bold]{m['id']}[/bold] ({m['status']}) of study {m['study_id']}, run {m['run_id']}; components "
+              f"{', '.join(f'{k}: {v}' for k, v in m['components'].items())}")
+    err.print(f"sites {', '.join(lin['sites'])}; epsilon per site {lin['epsilon_per_site']}; delta {lin['delta']}")
+    err.print(f"manifest sha256 {m['manifest_sha256']}; signed by {m.get('key_fingerprint', '')}")
+    for r in m.get("rollouts", []):
+        err.print(f"canary to {', '.join(r['sites'])} (margin {r['margin']}): {r.get('decision') or 'waiting for reports'}")
+
+
+@model_app.command("canary")
+def model_canary(model_id: Annotated[str, typer.Argument(help="version id")],
+                 sites: Annotated[str, typer.Option(help="comma-separated canary sites")],
+                 margin: Annotated[float | None, typer.Option(help="how much worse than the current version the "
+                                                                 "candidate may be at a canary site")] = None) -> None:
+    """Send a version to a few sites first; it is promoted or rolled back automatically on their reports.
+
+    Example: evoclone model canary s1-v2 --sites north --margin 0.02
+    """
+    body = {"sites": _split(sites), **({"margin": margin} if margin is not None else {})}
+    r = call("POST", f"/api/v1/models/{model_id}/canary", json=body)
+    err.print(f"{model_id} is in canary at {', '.join(r['sites'])} (margin {r['margin']})")
+
+
+@model_app.command("promote")
+def model_promote(model_id: Annotated[str, typer.Argument(help="version id")]) -> None:
+    """Promote a version to every site of its study now.
+
+    Example: evoclone model promote s1-v2
+    """
+    m = call("POST", f"/api/v1/models/{model_id}/promote")
+    err.print(f"{m['id']} is {m['status']}")
+
+
+@model_app.command("rollback")
+def model_rollback(model_id: Annotated[str, typer.Argument(help="version id")]) -> None:
+    """Roll a version back (sites return to the version it replaced).
+
+    Example: evoclone model rollback s1-v2
+    """
+    m = call("POST", f"/api/v1/models/{model_id}/rollback")
+    err.print(f"{m['id']} is {m['status']}")

@@ -110,3 +110,33 @@ def test_an_expired_access_token_is_refreshed_once(coordinator, env):
     env.write_text(json.dumps({**doc, "access_token": "x.y.z", "refresh_token": "used.or.forged"}))
     r = runner.invoke(app, ["study", "list"])
     assert r.exit_code == 2 and "evoclone login" in r.stderr
+
+
+def test_model_list_show_canary_promote_and_rollback(coordinator, env, tmp_path):
+    from tests.coordinator.test_registry import model_dir, upload
+
+    base, ca = coordinator
+    _ok(["login", "--url", base, "--username", "alice", "--ca", str(ca), "--password-stdin"], input=PASSWORD + "\n")
+    study = json.loads(_ok(["study", "create", "--name", "registry", "--indication", "x", "--phase", "II", "--arms",
+                            "control,treatment", "--endpoints", "os", "--sites", "north,south", "--json"]).stdout)["id"]
+    _ok(["study", "activate", str(study)])
+    token = json.loads(env.read_text())["access_token"]
+    with httpx.Client(base_url=base, verify=str(ca)) as c:
+        for seed in (1, 2):
+            r = upload(c, {"Authorization": f"Bearer {token}"}, study, model_dir(tmp_path, seed, sites=("north",)))
+            assert r.status_code == 201, r.text
+    listed = json.loads(_ok(["model", "list", "--study", str(study), "--json"]).stdout)
+    ids = sorted(m["id"] for m in listed)
+    assert ids == [f"s{study}-v1", f"s{study}-v2"] and {m["status"] for m in listed} == {"registered"}
+    shown = json.loads(_ok(["model", "show", ids[0], "--json"]).stdout)
+    assert shown["signature"] and "north" in shown["lineage"]["sites"]
+    _ok(["model", "promote", ids[0]])
+    r = runner.invoke(app, ["model", "canary", ids[1], "--sites", "nowhere"])
+    assert r.exit_code == 2
+    _ok(["model", "canary", ids[1], "--sites", "north", "--margin", "0.05"])
+    assert "waiting for reports" in _ok(["model", "show", ids[1]]).stderr
+    _ok(["model", "rollback", ids[1]])
+    status = {m["id"]: m["status"] for m in json.loads(_ok(["model", "list", "--json"]).stdout)}
+    assert status[ids[0]] == "promoted" and status[ids[1]] == "rolled_back"
+    r = runner.invoke(app, ["model", "promote", ids[1]])
+    assert r.exit_code == 2 and "409" in r.stderr
