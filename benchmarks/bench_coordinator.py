@@ -58,7 +58,8 @@ def _fill(c: httpx.Client, admin: dict, sponsor: dict, state: Path) -> list[str]
     from evoclone.coordinator.db import make_engine
     from evoclone.coordinator.models import RoundMetric, Run, RunStatus
     from evoclone.coordinator.settings import load_settings
-    from evoclone.privacy.pki import new_csr, new_node_keypair
+    from evoclone.privacy.enrolment import new_csr
+    from evoclone.privacy.pki import new_node_keypair
 
     ids = []
     for name in ("north", "south", "east"):

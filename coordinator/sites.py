@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from evoclone.privacy.pki import PKIError, csr_info, issue_client_from_csr, public_key_fingerprint, verify_client_cert
+from evoclone.privacy.enrolment import csr_info, issue_client_from_csr, verify_client_cert
+from evoclone.privacy.pki import PKIError, public_key_fingerprint
 
 from .errors import Conflict, InvalidInput, NotFound
 from .models import Site, SiteCertificate, SiteCreate, SiteStatus

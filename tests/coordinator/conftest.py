@@ -99,7 +99,8 @@ def headers_for() -> Callable[[TestClient, str], dict[str, str]]:
 
 def enrol_payload(name: str) -> dict:
     """A valid enrolment request for `name` (CSR and SuperNode key)."""
-    from evoclone.privacy.pki import new_csr, new_node_keypair
+    from evoclone.privacy.enrolment import new_csr
+    from evoclone.privacy.pki import new_node_keypair
 
     _, csr = new_csr(name)
     _, pub = new_node_keypair(name)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evoclone.privacy.pki import PKIError, new_csr, verify_client_cert
+from evoclone.privacy.enrolment import new_csr, verify_client_cert
+from evoclone.privacy.pki import PKIError
 
 from .conftest import enrol_payload
 
