@@ -11,7 +11,7 @@ from ..db import create_tables, make_engine, with_retry
 from ..settings import CoordinatorSettings, get_settings
 from . import errors
 from .middleware import Metrics, ServiceMiddleware
-from .routes import audit, auth, health, models, runs, site_tokens, sites, studies
+from .routes import audit, auth, health, models, reports, runs, site_tokens, sites, studies
 
 API_PREFIX = "/api/v1"
 
@@ -19,7 +19,7 @@ API_PREFIX = "/api/v1"
 def api_router() -> APIRouter:
     """Every resource router under /api/v1 (later resources add theirs here)."""
     router = APIRouter(prefix=API_PREFIX)
-    for module in (auth, sites, site_tokens, studies, runs, models, audit):
+    for module in (auth, sites, site_tokens, studies, runs, models, audit, reports):
         router.include_router(module.router)
     return router
 
