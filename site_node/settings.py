@@ -8,11 +8,12 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SETTINGS_FILE = "site.json"
 KEY_FILE = "secret.key"
+JWT_SECRET_FILE = "jwt.secret"  # signs the site API's access tokens (0600, written at init)
 
 
 class SiteSettings(BaseSettings):
@@ -26,6 +27,32 @@ class SiteSettings(BaseSettings):
     events_url: str = ""  # mongodb://... in production; SQLite JSON in the site directory by default
     epsilon_budget: float = Field(3.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # the site API (`evoclone site serve`); jwt_secret comes from jwt.secret, never from site.json
+    jwt_secret: SecretStr | None = None
+    redis_url: str = ""  # sessions, login counters (and the twin cache); in-process when empty
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    access_token_minutes: int = Field(5, ge=1, le=60)
+    session_idle_minutes: int = Field(30, ge=1, le=24 * 60)  # a session unused this long ends
+    session_max_hours: int = Field(12, ge=1, le=7 * 24)  # and every session ends this long after login
+    login_max_failures: int = Field(5, ge=1, le=100)  # failed logins of one username before it is locked
+    lockout_minutes: int = Field(15, ge=1, le=24 * 60)
+    login_rate_per_minute: int = Field(20, ge=1, le=10_000)  # login attempts per client address
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _not_placeholder(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and (len(v.get_secret_value()) < 32 or len(set(v.get_secret_value())) < 8):
+            raise ValueError("jwt_secret is shorter than 32 characters or looks like a placeholder; delete "
+                             "jwt.secret in the site directory and run `evoclone site serve` to generate one")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "SiteSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key (or neither, for plain HTTP behind a TLS proxy)")
+        return self
 
     @property
     def db_url(self) -> str:
@@ -47,10 +74,34 @@ class SiteSettings(BaseSettings):
         """Where the training snapshot is exported for the ClientApp."""
         return self.site_dir / "snapshot.jsonl.gz"
 
+    @property
+    def jwt_secret_path(self) -> Path:
+        """The site API's token-signing secret (mode 0600)."""
+        return self.site_dir / JWT_SECRET_FILE
 
-def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: float = 1e-5) -> SiteSettings:
-    """Create a site directory with its settings file and a fresh 256-bit secret key."""
-    settings = SiteSettings(site_dir=site_dir, name=name, epsilon_budget=epsilon_budget, delta=delta)
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the site API serves HTTPS."""
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+def ensure_jwt_secret(site_dir: Path) -> Path:
+    """Create the site API's 0600 token-signing secret unless it exists (site directories from before the API)."""
+    path = site_dir / JWT_SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48))
+    return path
+
+
+def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: float = 1e-5,
+              tls_cert: Path | None = None, tls_key: Path | None = None, redis_url: str = "") -> SiteSettings:
+    """Create a site directory with its settings file, a fresh 256-bit secret key and the API's JWT secret."""
+    api = {k: v for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key), ("redis_url", redis_url)) if v}
+    settings = SiteSettings(site_dir=site_dir, name=name, epsilon_budget=epsilon_budget, delta=delta, **api)
     site_dir.mkdir(parents=True, exist_ok=True)
     key = settings.key_path
     if key.exists():
@@ -61,7 +112,9 @@ def init_site(site_dir: Path, *, name: str, epsilon_budget: float = 3.0, delta: 
     from .keyring import create_keyring
 
     create_keyring(site_dir)
-    cfg = {"name": name, "epsilon_budget": epsilon_budget, "delta": delta}
+    ensure_jwt_secret(site_dir)
+    cfg = {"name": name, "epsilon_budget": epsilon_budget, "delta": delta,
+           **{k: str(Path(v).absolute()) if k.startswith("tls") else v for k, v in api.items()}}
     path = site_dir / SETTINGS_FILE
     path.write_text(json.dumps(cfg, indent=1) + "\n")
     path.chmod(0o600)
@@ -74,7 +127,14 @@ def get_settings(site_dir: Path) -> SiteSettings:
     path = site_dir / SETTINGS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{site_dir} is not a site directory (no {SETTINGS_FILE}); run `evoclone site init`")
-    return SiteSettings(site_dir=site_dir, **json.loads(path.read_text()))
+    values = json.loads(path.read_text())
+    values.pop("jwt_secret", None)  # a secret lives in its own 0600 file, never in site.json
+    secret = site_dir / JWT_SECRET_FILE
+    if "EVOCLONE_JWT_SECRET" not in os.environ and secret.is_file():
+        if secret.stat().st_mode & 0o077:
+            raise PermissionError(f"{secret} is readable by others; run `chmod 600 {secret}`")
+        values["jwt_secret"] = secret.read_text().strip()
+    return SiteSettings(site_dir=site_dir, **values)
 
 
 def load_key(settings: SiteSettings) -> bytes:
