@@ -1,0 +1,1 @@
+"""The site node's HTTP API (`evoclone site serve`)."""

@@ -1,0 +1,167 @@
+"""Dependencies of the site API's routes, as Annotated aliases; access checks are dependencies too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import Depends, Header, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import Session, select
+
+from ..api_tokens import authenticate_token, is_api_token
+from ..auth import decode_access_token
+from ..auth_models import Role, SiteUser
+from ..errors import AuthenticationFailed
+from ..patients import PSEUDONYM_PATTERN
+from ..sessions import SessionBackend, get_session as get_site_session
+from ..settings import SiteSettings
+
+bearer = HTTPBearer(auto_error=False, description="an access token from POST /api/v1/auth/login, or a service "
+                                                  "account's API token (evs_site_...)")
+
+
+def get_app_settings(request: Request) -> SiteSettings:
+    """The settings the app was created with."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[SiteSettings, Depends(get_app_settings)]
+
+
+def get_engine(request: Request) -> sa.Engine:
+    """The app's database engine (the site's transactional store)."""
+    return request.app.state.engine
+
+
+EngineDep = Annotated[sa.Engine, Depends(get_engine)]
+
+
+def get_session(engine: EngineDep) -> Iterator[Session]:
+    """A database session for one request; routes commit what they change."""
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store(request: Request) -> SessionBackend:
+    """The server-side session store (Redis or in-process)."""
+    return request.app.state.sessions
+
+
+StoreDep = Annotated[SessionBackend, Depends(get_store)]
+
+
+def get_now(request: Request) -> datetime:
+    """The service clock's now (tests move the app's clock instead of sleeping)."""
+    return request.app.state.clock()
+
+
+NowDep = Annotated[datetime, Depends(get_now)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user's name (or `service:<name>` for an API token), the role, and the session id."""
+
+    name: str
+    role: str
+    sid: str | None = None  # None for API tokens (no session)
+
+    @property
+    def is_service(self) -> bool:
+        """Whether the caller is a service account's API token."""
+        return self.sid is None
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_current_user(request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep, now: NowDep,
+                     creds: BearerDep) -> Principal:
+    """The caller of a live session's access token, or of a live API token; 401 otherwise."""
+    if creds is None or not creds.credentials:
+        raise _unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
+    token = creds.credentials
+    if is_api_token(token):
+        row = authenticate_token(session=session, token=token)
+        principal = Principal(f"service:{row.name}", row.role)
+    else:
+        claims = decode_access_token(token, secret=request.app.state.jwt_secret, now=now)
+        live = get_site_session(store=store, sid=claims.sid, now=now, idle_seconds=settings.session_idle_minutes * 60,
+                                max_seconds=settings.session_max_hours * 3600)
+        if live is None or live.username != claims.subject:
+            raise AuthenticationFailed("the session has ended (logout, revocation or expiry); log in again at "
+                                       "/api/v1/auth/login")
+        user = session.exec(select(SiteUser).where(SiteUser.username == claims.subject)).first()
+        if user is None or user.disabled or user.role != claims.role:
+            raise AuthenticationFailed("the token's user no longer exists, is disabled or changed role; log in again")
+        principal = Principal(user.username, user.role, claims.sid)
+    request.state.actor, request.state.role = principal.name, principal.role
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+
+
+def require_role(*roles: Role) -> Callable[[Principal], Principal]:
+    """A dependency that lets only `roles` through (403 for any other authenticated role)."""
+    allowed = {Role(r).value for r in roles}
+
+    def check(user: CurrentUser) -> Principal:
+        if user.role not in allowed:
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"role {user.role!r} may not do this; it needs one of: {', '.join(sorted(allowed))}")
+        return user
+
+    return check
+
+
+ClinicalUser = Annotated[Principal, Depends(require_role(Role.clinician, Role.site_admin))]
+AdminUser = Annotated[Principal, Depends(require_role(Role.site_admin))]
+AuditorUser = Annotated[Principal, Depends(require_role(Role.auditor, Role.site_admin))]
+
+
+def request_id(request: Request) -> str:
+    """The id of this request (set by the service middleware; echoed in X-Request-ID)."""
+    return getattr(request.state, "request_id", "")
+
+
+RequestId = Annotated[str, Depends(request_id)]
+
+
+class AccessReason(str, Enum):
+    """Why patient-level data is read or written (a controlled list: free text could carry identifiers)."""
+
+    treatment = "treatment"
+    review = "review"
+    quality_assurance = "quality_assurance"
+    research = "research"
+    safety = "safety"
+
+
+REASONS = ", ".join(r.value for r in AccessReason)
+
+
+def access_reason(reason: Annotated[AccessReason | None, Query(description="why the data is accessed "
+                                                                            "(recorded in the access log)")] = None,
+                  x_access_reason: Annotated[AccessReason | None, Header(description="the same as ?reason=")] = None,
+                  ) -> AccessReason:
+    """The required reason for patient-level access, from ?reason= or the X-Access-Reason header."""
+    given = reason or x_access_reason
+    if given is None:
+        raise HTTPException(422, f"a reason is required to access patient data: add ?reason= or an "
+                                 f"X-Access-Reason header, one of: {REASONS}")
+    return given
+
+
+ReasonDep = Annotated[AccessReason, Depends(access_reason)]
+PseudonymPath = Annotated[str, Path(pattern=PSEUDONYM_PATTERN, description="the site pseudonym (P-<32 hex>)")]

@@ -1,0 +1,61 @@
+"""Service-account API tokens of the site API: `evs_site_<random>`, stored as sha256, role-bound, revocable."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from sqlmodel import Session, select
+
+from .auth_models import ApiToken, ApiTokenCreate, Role
+from .errors import AuthenticationFailed, Conflict, NotFound
+
+PREFIX = "evs_site_"
+
+
+def token_hash(token: str) -> str:
+    """The stored form of a token (256-bit random: a plain sha256 is enough)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_api_token(token: str | None) -> bool:
+    """Whether a bearer token has the shape of a site API token (not a JWT)."""
+    return bool(token) and token.startswith(PREFIX)
+
+
+def issue_token(*, session: Session, data: ApiTokenCreate, created_by: str) -> tuple[ApiToken, str]:
+    """A new token for a service account: (row, the token itself, shown once)."""
+    token = PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=data.name, role=Role(data.role).value, token_hash=token_hash(token),
+                   hint=token[:len(PREFIX) + 4], created_by=created_by[:128])
+    session.add(row)
+    session.flush()
+    return row, token
+
+
+def list_tokens(*, session: Session) -> list[ApiToken]:
+    """Every token, oldest first."""
+    return list(session.exec(select(ApiToken).order_by(ApiToken.id)).all())
+
+
+def revoke_token(*, session: Session, token_id: int, now: datetime) -> ApiToken:
+    """Stop a token from working at once (revoking twice is a Conflict)."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFound(f"API token {token_id} does not exist; list tokens with GET /api/v1/tokens")
+    if row.revoked_at is not None:
+        raise Conflict(f"API token {token_id} is already revoked")
+    row.revoked_at = now
+    session.add(row)
+    session.flush()
+    return row
+
+
+def authenticate_token(*, session: Session, token: str) -> ApiToken:
+    """The live token row for `token`; AuthenticationFailed for an unknown or revoked one."""
+    row = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash(token))).first()
+    if row is None or row.revoked_at is not None:
+        raise AuthenticationFailed("the API token is unknown or revoked; ask a site admin for a new one "
+                                   "(POST /api/v1/tokens)")
+    return row
