@@ -28,10 +28,14 @@ def _settings(site_dir: Path):
 @site_app.command()
 def init(site_dir: SiteDir, name: Annotated[str, typer.Option(help="site name, e.g. st-mary")],
          epsilon: Annotated[float, typer.Option(help="privacy budget (epsilon) for this site")] = 3.0,
-         delta: Annotated[float, typer.Option(help="DP delta for this site")] = 1e-5) -> None:
-    """Create a site directory with its settings, a fresh secret key and master key (mode 0600).
+         delta: Annotated[float, typer.Option(help="DP delta for this site")] = 1e-5,
+         tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for `evoclone site serve`")] = None,
+         tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM); give both or neither")] = None,
+         redis_url: Annotated[str, typer.Option(help="Redis for the API's sessions (default: in-process)")] = "",
+         ) -> None:
+    """Create a site directory with its settings, a fresh secret key, master key and API JWT secret (mode 0600).
 
-    Example: evoclone site init --site-dir /srv/evoclone/site --name st-mary --epsilon 3
+    Example: evoclone site init --site-dir /srv/evoclone/site --name st-mary --epsilon 3 --tls-cert site.pem --tls-key site.key
     """
     from pydantic import ValidationError
 
@@ -42,10 +46,13 @@ def init(site_dir: SiteDir, name: Annotated[str, typer.Option(help="site name, e
     if (site_dir / "site.json").exists() or (site_dir / "secret.key").exists():
         raise fail(f"{site_dir} is already a site directory; its keys are never replaced", 2)
     try:
-        init_site(site_dir, name=name, epsilon_budget=epsilon, delta=delta)
+        init_site(site_dir, name=name, epsilon_budget=epsilon, delta=delta, tls_cert=tls_cert, tls_key=tls_key,
+                  redis_url=redis_url)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise fail(f"--{first['loc'][0]}: {first['msg']}".replace("epsilon_budget", "epsilon"), 2) from None
+        where = f"--{first['loc'][0]}: ".replace("_", "-") if first["loc"] else ""
+        raise fail(f"{where}{first['msg'].removeprefix('Value error, ')}".replace("epsilon-budget", "epsilon"), 2) \
+            from None
     except OSError as exc:
         raise fail(f"cannot create {site_dir}: {exc.strerror}", 2) from None
     err.print(f"site {name} initialised in {site_dir}")
@@ -382,3 +389,107 @@ def node(site_dir: SiteDir, superlink: Annotated[str, typer.Option(help="SuperLi
     except FileNotFoundError as exc:
         raise fail(str(exc), 2) from None
     os.execvpe(cmd[0], cmd, flower_env(settings.site_dir / "flower"))
+
+
+user_app = typer.Typer(no_args_is_help=True, help="Users of the site API (clinician, site_admin, auditor).")
+site_app.add_typer(user_app, name="user")
+audit_app = typer.Typer(no_args_is_help=True, help="The site's hash-chained access log.")
+site_app.add_typer(audit_app, name="audit")
+SITE_ROLES = ("clinician", "site_admin", "auditor")
+
+
+@site_app.command()
+def serve(site_dir: SiteDir, host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port to listen on")] = 8444,
+          workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes")] = 1) -> None:
+    """Serve the site API (HTTPS when site.json names tls_cert and tls_key) until SIGTERM.
+
+    Example: evoclone site serve --site-dir /srv/evoclone/site --host 0.0.0.0 --port 8444 --workers 4
+    """
+    import logging
+    import sys
+
+    from evoclone.federated.flower.runtime import PortInUseError, require_free
+    from evoclone.site_node.service import serve as run
+
+    from .main import fail
+
+    settings = _settings(site_dir)
+    if settings.tls_enabled and not (settings.tls_cert.is_file() and settings.tls_key.is_file()):
+        raise fail(f"TLS certificate {settings.tls_cert} or key {settings.tls_key} does not exist; fix tls_cert "
+                   f"and tls_key in {site_dir / 'site.json'}", 2)
+    if workers > 1 and not settings.redis_url:
+        raise fail("--workers above 1 needs redis_url in site.json: in-process sessions are not shared between "
+                   "workers", 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        require_free([port], host)
+        run(settings, host=host, port=port, workers=workers)
+    except PortInUseError as exc:
+        raise fail(str(exc), 2) from None
+    except (RuntimeError, OSError) as exc:
+        raise fail(" ".join(str(exc).split())[:500], 1) from None
+
+
+@user_app.command("add")
+def user_add(site_dir: SiteDir,
+             username: Annotated[str, typer.Option(help="login name (letters, digits, '_', '.', '-')")],
+             role: Annotated[str, typer.Option(help="clinician, site_admin or auditor")],
+             password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                          help="read the password from standard input")] = False,
+             as_json: AsJson = False) -> None:
+    """Add a user of the site API; prints the TOTP secret and provisioning URI once (scan it into an authenticator app).
+
+    Example: echo "$PASSWORD" | evoclone site user add --site-dir /srv/evoclone/site --username ana --role clinician --password-stdin
+    """
+    import sys
+
+    from pydantic import ValidationError
+
+    from evoclone.site_node.auth_models import UserCreate
+    from evoclone.site_node.errors import Conflict
+    from evoclone.site_node.service import add_user
+
+    from .main import fail
+
+    if role not in SITE_ROLES:
+        raise fail(f"--role {role!r} is not one of {', '.join(SITE_ROLES)}", 2)
+    settings = _settings(site_dir)
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else \
+        typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        data = UserCreate(username=username, role=role, password=password)
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise fail(f"--{where}: {exc.errors()[0]['msg']}", 2) from None
+    try:
+        doc = add_user(settings, data)
+    except Conflict as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        typer.echo(f"user {username} ({role}) added; enrol this TOTP in an authenticator app now, it is not shown "
+                   "again:", err=True)
+        typer.echo(f"secret: {doc['totp_secret']}\nuri: {doc['totp_uri']}")
+
+
+@audit_app.command("verify")
+def audit_verify(site_dir: SiteDir, as_json: AsJson = False) -> None:
+    """Verify the access log's hash chain: exit 1 at the first edited, removed or reordered entry; print the head.
+
+    Example: evoclone site audit verify --site-dir /srv/evoclone/site --json
+    """
+    from evoclone.site_node.service import access_log_head
+
+    from .main import err, fail
+
+    doc = access_log_head(_settings(site_dir))
+    if as_json:
+        typer.echo(json.dumps(doc))
+    elif doc["ok"]:
+        err.print(f"access log intact: {doc['entries']} entries")
+        typer.echo(f"head seq {doc['seq']} hash {doc['hash']}")
+    if not doc["ok"]:
+        raise fail(f"access log broken: {doc['problem']}; the last verified entry is seq {doc['seq']} "
+                   f"(hash {doc['hash']})", 1)
