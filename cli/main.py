@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .audit import audit_app, drift_app
 from .coordinator import coordinator_app
 from .data import data_app
 from .pki import pki_app
@@ -35,6 +36,8 @@ app.command("login")(login_cmd)
 app.add_typer(study_app, name="study")
 app.add_typer(round_app, name="round")
 app.add_typer(model_app, name="model")
+app.add_typer(drift_app, name="drift")
+app.add_typer(audit_app, name="audit")
 err = Console(stderr=True)
 
 

@@ -6,18 +6,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 
 from evoclone.federated.payloads import CanaryValidation
 
 from ... import registry
 from ...audit import append_event
+from ...egress import EgressRejected, check_payload, record_rejection
 from ...models import MAX_ID
 from ...registry_models import CanaryReportPublic, ModelStatus, ModelVersion, ModelVersionDetail, \
     ModelVersionPublic, PublicKey, RolloutCreate, RolloutPublic, SiteAssignment
 from ...signing import public_key_info
 from ..deps import IdPath, ReaderUser, RequestId, SessionDep, SettingsDep, SponsorUser
-from ..errors import one_line
 from ..registry_deps import CallerDep, CurrentSite, ObjectsDep, SigningKeyDep
 
 router = APIRouter(tags=["models"])
@@ -120,17 +119,6 @@ def canary(model_id: ModelId, body: RolloutCreate, user: SponsorUser, session: S
     return RolloutPublic.model_validate(change.rollout)
 
 
-def _report_errors(exc: ValidationError) -> tuple[str, list[dict]]:
-    """A one-line message and audit detail that never echo a value or an unexpected field name."""
-    parts, detail = [], []
-    for e in exc.errors()[:5]:
-        loc = ".".join(str(p) if p in _REPORT_FIELDS else "<unexpected field>" for p in e.get("loc", ())) or "body"
-        msg = "not valid JSON" if e["type"] == "json_invalid" else str(e.get("msg", "invalid"))
-        parts.append(f"{loc}: {msg}")
-        detail.append({"loc": loc, "type": e["type"]})
-    return one_line("invalid canary report: " + "; ".join(parts)), detail
-
-
 @router.post("/models/{model_id}/validation", response_model=CanaryReportPublic, status_code=status.HTTP_201_CREATED,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": CanaryValidation.model_json_schema()}}}},
@@ -143,14 +131,15 @@ async def validation(model_id: ModelId, request: Request, site: CurrentSite, ses
     who = (f"site:{site.name}", "site")
 
     def work() -> CanaryReportPublic:
+        # the egress guard every site payload passes: shape, identifiers, then the closed schema
         try:
-            report = CanaryValidation.model_validate_json(raw)
-        except ValidationError as exc:
-            message, detail = _report_errors(exc)
-            append_event(session=session, action="model.validation", outcome="rejected", actor=who[0], role=who[1],
-                         resource=f"model/{model_id}", detail={"errors": detail}, request_id=rid)
+            report = check_payload(raw, CanaryValidation, site=site.name)
+        except EgressRejected as exc:
+            session.rollback()
+            record_rejection(session=session, site=site.name, endpoint="/models/{model_id}/validation",
+                             rejection=exc, size=len(raw), request_id=rid)
             session.commit()
-            raise HTTPException(422, message) from None
+            raise
         change = registry.record_report(session=session, model_id=model_id, site=site.name, report=report)
         _audit(session, who, "model.validation", change.version, rid, rollout_id=change.rollout.id,
                metric=report.metric, candidate=report.candidate, current=report.current)
