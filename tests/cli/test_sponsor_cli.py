@@ -140,3 +140,40 @@ def test_model_list_show_canary_promote_and_rollback(coordinator, env, tmp_path)
     assert status[ids[0]] == "promoted" and status[ids[1]] == "rolled_back"
     r = runner.invoke(app, ["model", "promote", ids[1]])
     assert r.exit_code == 2 and "409" in r.stderr
+
+
+def test_site_reports_drift_and_compliance_to_the_served_coordinator(coordinator, env, tmp_path, monkeypatch):
+    """A site seals its reference, registers its key and sends signed drift and compliance reports."""
+    from evoclone.federated.simulator import cohort_records, simulate_cohort
+    from evoclone.site_node.drift import create_reference
+    from evoclone.site_node.pipeline import open_store
+    from evoclone.site_node.settings import get_settings, init_site
+
+    base, ca = coordinator
+    site_dir = tmp_path / "north"
+    init_site(site_dir, name="north")  # the enrolled site's own node
+    records = cohort_records(simulate_cohort(patients=120, sites=1, seed=5))
+    settings = get_settings(site_dir)
+    site_json = site_dir / "site.json"
+    doc = json.loads(site_json.read_text())
+    doc.update(coordinator_url=base, tls_ca_cert=str(ca))
+    site_json.write_text(json.dumps(doc))
+    store = open_store(settings)
+    store.upsert_records(records=records)
+    store.close()
+    create_reference(site_dir=site_dir, records=records)
+    with httpx.Client(base_url=base, verify=str(ca)) as c:  # the coordinator's admin issues the site a token
+        admin = {"Authorization": "Bearer " + c.post("/api/v1/auth/token", data={"username": "root", "password":
+                                                                                  PASSWORD}).json()["access_token"]}
+        north = next(s for s in c.get("/api/v1/sites", headers=admin).json() if s["name"] == "north")
+        token = c.post(f"/api/v1/sites/{north['id']}/tokens", headers=admin, json={}).json()
+    monkeypatch.setenv("EVOCLONE_SITE_TOKEN", token["token"])
+    dry = runner.invoke(app, ["site", "report", "drift", "--site-dir", str(site_dir), "--dry-run"])
+    assert dry.exit_code == 0, dry.stderr
+    assert json.loads(dry.stdout)["kind"] == "drift_report" and "MRN" not in dry.stdout
+    r = runner.invoke(app, ["site", "report", "drift", "--site-dir", str(site_dir)])
+    assert r.exit_code == 2 and "refused" in r.stderr  # no key registered yet: a signed report cannot be checked
+    _ok(["site", "report", "key", "--site-dir", str(site_dir)])
+    _ok(["site", "report", "drift", "--site-dir", str(site_dir)])
+    r = runner.invoke(app, ["site", "report", "compliance", "--site-dir", str(site_dir)])
+    assert r.exit_code == 0 and "compliance self-check sent" in r.stderr, r.stderr
