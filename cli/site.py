@@ -440,7 +440,7 @@ def user_add(site_dir: SiteDir,
              as_json: AsJson = False) -> None:
     """Add a user of the site API; prints the TOTP secret and provisioning URI once (scan it into an authenticator app).
 
-    Example: echo "$PASSWORD" | evoclone site user add --site-dir /srv/evoclone/site --username ana --role clinician --password-stdin
+    Example: evoclone site user add --site-dir ./site --username ana --role clinician --password-stdin
     """
     import sys
 
