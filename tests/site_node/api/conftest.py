@@ -131,12 +131,13 @@ def redis_store() -> Iterator:
         store.close()
 
 
-def make_client(settings, clock: Clock, sessions=None) -> Iterator[TestClient]:
-    """A test client of the app (schema migrated); an in-process session store unless one is given."""
+def make_client(settings, clock: Clock, sessions=None, *, store_from_settings: bool = False) -> Iterator[TestClient]:
+    """A test client of the app (schema migrated); an in-process session store unless one is given or
+    `store_from_settings` (the settings' redis_url, as served)."""
     from evoclone.site_node.api.main import create_app
     from evoclone.site_node.sessions import MemoryBackend
 
-    app = create_app(settings, clock=clock, sessions=sessions or MemoryBackend())
+    app = create_app(settings, clock=clock, sessions=None if store_from_settings else sessions or MemoryBackend())
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 
