@@ -112,11 +112,9 @@ def verify_log(*, engine: sa.Engine) -> ChainReport:
 
 
 def chain_head(engine: sa.Engine, *, verify: bool = True) -> dict[str, Any]:
-    """The chain head for the compliance self-check: {seq, hash, entries, ok, problem, first_bad_seq}.
-
-    With `verify` (the default) the whole chain is checked and the head is the last entry that verified;
-    without it, the stored last entry is returned unchecked (ok is None).
-    """
+    """The head for the compliance self-check: {seq, hash, entries, ok, problem, first_bad_seq} (see below)."""
+    # verify (the default) reads the whole chain and reports the last entry that verified; without it the
+    # stored last entry comes back unchecked (ok None), for callers that only record the head
     if verify:
         r = verify_log(engine=engine)
         return {"seq": r.head_seq, "hash": r.head_hash, "entries": r.checked, "ok": r.ok,

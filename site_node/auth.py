@@ -164,10 +164,8 @@ def _totp_ok(user: SiteUser, code: str, *, key: bytes, store: SessionBackend, no
 
 def authenticate(*, session: Session, store: SessionBackend, username: str, password: str, code: str,
                  key: bytes, now: datetime, max_failures: int, lockout: timedelta) -> SiteUser:
-    """The enabled user whose password and TOTP code match; AuthenticationFailed (one message) otherwise.
-
-    A locked username is refused before its password is checked; failures count towards the lock.
-    """
+    """The enabled user whose password and TOTP code match; AuthenticationFailed (one message) otherwise."""
+    # a locked username is refused before its password is checked, so a lock also stops password guessing
     check_lock(store=store, username=username, now=now)
     user = session.exec(select(SiteUser).where(SiteUser.username == username)).first()
     if user is None:

@@ -92,7 +92,11 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep, st
     metrics = request.app.state.metrics
 
     def work() -> TokenPair:
-        check_rate(store=store, client=client, now=now, per_minute=settings.login_rate_per_minute)
+        try:
+            check_rate(store=store, client=client, now=now, per_minute=settings.login_rate_per_minute)
+        except TooManyAttempts:
+            metrics.logins.labels("rate_limited").inc()
+            raise
         try:
             user = authenticate(session=session, store=store, username=creds.username, password=creds.password,
                                 code=creds.totp_code, key=request.app.state.totp_key, now=now,
