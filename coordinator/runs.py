@@ -206,3 +206,39 @@ def rounds_view(metrics: list[RoundMetric]) -> list[RoundPublic]:
         else:
             r.sites.append(SiteRoundPublic(site_id=m.site_id, epsilon=m.epsilon, metrics=dict(m.metrics)))
     return [out[k] for k in sorted(out)]
+
+
+def retrain_launcher(engine, *, enabled: bool):
+    """The drift hook: relaunch a study's last finished run's configuration for a new retraining request.
+
+    Only when `enabled` (settings.drift_auto_retrain; off by default: retraining spends every
+    site's privacy budget, which a sponsor may prefer to decide by hand from GET /drift/retrain).
+    A study without a finished run, or with a run still going, keeps its request open.
+    """
+    from .audit import append_event
+    from .drift import update_retrain_request
+    from .errors import CoordinatorError
+    from .report_models import RetrainRequestUpdate, RetrainStatus
+
+    def launch(request) -> None:
+        if not enabled:
+            return
+        with Session(engine, expire_on_commit=False) as s:
+            last = s.exec(select(Run).where(Run.study_id == request.study_id, Run.status == RunStatus.finished)
+                          .order_by(Run.id.desc())).first()
+            if last is None:
+                return
+            config = RunConfig.model_validate({k: v for k, v in last.config.items() if not k.startswith("_")})
+            try:
+                run = launch_run(session=s, study_id=request.study_id, rounds=last.rounds, config=config,
+                                 created_by="coordinator:drift")
+            except CoordinatorError:
+                return  # not active, or a run is going on: the request stays open for the sponsor
+            update_retrain_request(session=s, request_id=request.id,
+                                   data=RetrainRequestUpdate(status=RetrainStatus.launched, run_id=run.id))
+            append_event(session=s, action="run.launch", outcome="ok", actor="coordinator:drift", role="system",
+                         resource=f"run/{run.id}", detail={"study": request.study_id, "retrain_request": request.id,
+                                                           "features": list(request.features)[:20]})
+            s.commit()
+
+    return launch

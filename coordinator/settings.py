@@ -49,6 +49,8 @@ class CoordinatorSettings(BaseSettings):
     drift_mmd_threshold: float | None = Field(None, gt=0)
     drift_outcome_threshold: float | None = Field(0.1, gt=0, le=1)  # absolute change of an outcome rate
     drift_retrain_min_flags: int = Field(1, ge=0)  # flags in one report that request retraining (0: never)
+    # relaunch the study's last finished run when drift opens a retraining request (spends budget)
+    drift_auto_retrain: bool = False
     compliance_max_age_days: int = Field(30, ge=1)  # an older self-check no longer counts as evidence
 
     @field_validator("jwt_secret")

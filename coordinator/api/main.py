@@ -39,6 +39,9 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
                   summary="Sites, studies, runs and the model registry of a federated EvoClone study; "
                           "never a patient-level record.")
     app.state.settings, app.state.engine, app.state.metrics = settings, engine, Metrics()
+    from ..runs import retrain_launcher
+
+    app.state.on_retrain = retrain_launcher(engine, enabled=settings.drift_auto_retrain)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(api_router())

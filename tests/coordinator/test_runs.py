@@ -125,3 +125,44 @@ def test_dispatcher_runs_a_queued_run_on_a_real_superlink(client, headers_for, t
     models = client.get(f"/api/v1/models?study={study}", headers=sponsor).json()
     models = models["models"] if isinstance(models, dict) else models
     assert len(models) == 1 and models[0]["status"] == "registered" and models[0]["signature"]
+
+
+def test_drift_relaunches_the_last_finished_run_when_auto_retrain_is_on(settings, headers_for, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from evoclone.coordinator.api.main import create_app
+    from evoclone.coordinator.models import Run, RunStatus
+    from evoclone.site_node import drift
+
+    from .test_reports import cohort_pair, enrol_reporting_site, new_site, older, send
+
+    records = cohort_pair()[0]
+    auto = settings.model_copy(update={"drift_auto_retrain": True})
+    with TestClient(create_app(auto), raise_server_exceptions=False) as client:
+        admin, sponsor = headers_for(client, "admin"), headers_for(client, "sponsor")
+        site_id, token = enrol_reporting_site(client, admin, new_site(tmp_path, "st-ann", records))
+        site_dir = tmp_path / "st-ann"
+        study = client.post("/api/v1/studies", headers=sponsor, json={
+            "name": "ckd", "indication": "CKD", "phase": "III", "arms": ["control", "treatment"], "endpoints": ["os"],
+            "target_epsilon": 3.0, "target_delta": 1e-5, "site_ids": [site_id]}).json()["id"]
+        client.patch(f"/api/v1/studies/{study}", headers=sponsor, json={"status": "active"})
+        with Session(client.app.state.engine) as s:  # a run that finished before the data drifted
+            s.add(Run(study_id=study, rounds=4, config={**CONFIG, "members": 3}, status=RunStatus.finished,
+                      created_by="alice"))
+            s.commit()
+        r = send(client, drift.drift_report(site_dir=site_dir, records=older(records, 12)), token,
+                 "/api/v1/reports/drift")
+        assert r.status_code == 201 and len(r.json()["retrain_requests"]) == 1, r.text
+        runs = client.get(f"/api/v1/runs?study={study}", headers=sponsor).json()["runs"]
+        assert [(x["status"], x["created_by"], x["rounds"]) for x in runs] == [
+            ("pending", "coordinator:drift", 4), ("finished", "alice", 4)]
+        assert runs[0]["config"]["members"] == 3 and runs[0]["config"]["covariates"] == CONFIG["covariates"]
+        reqs = client.get("/api/v1/drift/retrain", params={"study": study}, headers=sponsor).json()
+        assert [(q["status"], q["run_id"]) for q in reqs] == [("launched", runs[0]["id"])]
+        # while that run is pending, a new request stays open for the sponsor
+        r = send(client, drift.drift_report(site_dir=site_dir, records=older(records, 20)), token,
+                 "/api/v1/reports/drift")
+        assert len(r.json()["retrain_requests"]) == 1
+        statuses = [q["status"] for q in client.get("/api/v1/drift/retrain", params={"study": study},
+                                                    headers=sponsor).json()]
+        assert sorted(statuses) == ["launched", "requested"]
