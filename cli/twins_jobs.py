@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evoclone.federated.artifacts import ArtifactError, load_component, save_component, sha256_file
+from evoclone.federated import model_dir as model_dir_loaders
+from evoclone.federated.artifacts import save_component, sha256_file
 from evoclone.federated.features import split_records
 from evoclone.federated.record import Arm
 from evoclone.federated.tabular import OutcomeColumns, TabularData, records_from_frames
@@ -137,21 +138,10 @@ def train_gpt(table: TabularData, *, out: Path, cols: Columns, data_fp: str, eps
 
 def load_generator(model_dir: Path):
     """(model, tokenizer, manifest entry) from a model directory."""
-    from evoclone.federated.models.twin_gpt import TwinGPT, TwinGPTConfig
-    from evoclone.federated.tokenizer import EventTokenizer
-
     try:
-        tensors, entry, vocab = load_component(model_dir, "generator")
-        tok = EventTokenizer.from_dict(vocab)
-    except (ArtifactError, ValueError) as exc:
+        return model_dir_loaders.load_generator(model_dir)
+    except model_dir_loaders.ModelLoadError as exc:
         raise TwinsInputError(str(exc)) from None
-    model = TwinGPT(TwinGPTConfig(**entry["config"]))
-    if model.cfg.vocab_size != tok.vocab_size:
-        raise TwinsInputError(f"{model_dir}: generator vocabulary size {model.cfg.vocab_size} differs from its "
-                              f"vocabulary file ({tok.vocab_size}); the directory mixes two models")
-    model.load_state_dict(tensors)
-    model.eval()
-    return model, tok, entry
 
 
 def _columns_of(entry: dict, *, with_outcome: bool) -> Columns:
@@ -319,16 +309,9 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
 
 def load_ensemble(model_dir: Path):
     """(ensemble, feature spec, manifest entry) from a model directory."""
-    from evoclone.federated.features import FeatureSpec
-    from evoclone.federated.predictor import FusionEnsemble
-
     try:
-        tensors, entry, vocab = load_component(model_dir, "predictor")
-        if entry["kind"] != "fusion_ensemble":
-            raise TwinsInputError(f"{model_dir}: the predictor is a {entry['kind']}, not one trained by "
-                                  "`evoclone twins train --model fusion`")
-        return FusionEnsemble.from_state(entry["config"], tensors), FeatureSpec.from_dict(vocab), entry
-    except (ArtifactError, ValueError) as exc:
+        return model_dir_loaders.load_ensemble(model_dir)
+    except model_dir_loaders.ModelLoadError as exc:
         raise TwinsInputError(str(exc)) from None
 
 
