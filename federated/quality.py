@@ -162,15 +162,17 @@ def twin_record(patient: PatientRecord, tok: EventTokenizer, future: list[int], 
 
 def generate_twins(model: TwinGPT, tok: EventTokenizer, patients: list[PatientRecord], *, arm: Arm, n: int,
                    sampling: SamplingConfig, max_tries: int = 3, meta: dict[str, str] | None = None,
-                   allow_censoring: bool = False, on_progress: Callable[[int], None] | None = None
-                   ) -> tuple[list[Twin], list[FailedTwin], dict]:
-    """n gated twins per patient under `arm`; returns (twins, failures, stats)."""
+                   allow_censoring: bool = False, on_progress: Callable[[int], None] | None = None,
+                   constraints: Constraints | None = None) -> tuple[list[Twin], list[FailedTwin], dict]:
+    """n gated twins per patient under `arm`, starting from `constraints` (e.g. a reviewer's); returns
+    (twins, failures, stats)."""
     if n < 1 or max_tries < 1:
         raise ValueError("n and max_tries must be >= 1")
     jobs = [(row, copy) for row in range(len(patients)) for copy in range(n)]
     encoded = [tok.encode(p, arm=arm, meta=meta, with_future=False) for p in patients]
     prompts = [encoded[row].ids for row, _ in jobs]
-    cons = {j: Constraints(allow_censoring=allow_censoring) for j in range(len(jobs))}
+    start = Constraints(allow_censoring=allow_censoring).merge(constraints or Constraints())
+    cons = {j: start for j in range(len(jobs))}
     last_reasons: dict[int, tuple[str, ...]] = {}
     done: dict[int, Twin] = {}
     pending = list(range(len(jobs)))
