@@ -3,7 +3,8 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-from evoclone.site_node import access_log, auth_models, store  # noqa: F401 (registers the tables on SQLModel.metadata)
+# importing the model modules registers their tables on SQLModel.metadata
+from evoclone.site_node import access_log, auth_models, local_models, review_models, store  # noqa: F401
 
 connection = context.config.attributes.get("connection")
 context.configure(connection=connection, target_metadata=SQLModel.metadata,
