@@ -95,7 +95,7 @@ def test_migrations_create_exactly_the_orm_schema(db_url):
     assert current(engine) is None
     upgrade(engine)
     upgrade(engine)  # idempotent
-    assert current(engine) == "0002"  # the newest revision
+    assert current(engine) == "0003"  # the newest revision
     with engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), SQLModel.metadata)
     assert [d for d in diff if "event_log" not in str(d)] == []
