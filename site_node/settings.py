@@ -39,6 +39,7 @@ class SiteSettings(BaseSettings):
     lockout_minutes: int = Field(15, ge=1, le=24 * 60)
     login_rate_per_minute: int = Field(20, ge=1, le=10_000)  # login attempts per client address
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    twin_cache_minutes: int = Field(15, ge=1, le=24 * 60)  # cached twins and predictions live this long
 
     @field_validator("jwt_secret")
     @classmethod
