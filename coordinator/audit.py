@@ -6,8 +6,6 @@ entry's prev_hash or the seq sequence. Request bodies are never recorded.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +14,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from evoclone.privacy.hashchain import GENESIS, canonical_time, compute_hash
+
 from .models import AuditEvent
 
-GENESIS = "0" * 64
 _FIELDS = ("seq", "at", "prev_hash", "actor", "role", "action", "resource", "outcome", "detail", "request_id")
 _LOCK_KEY = 0x45766F436C6F6E65  # "EvoClone": the PostgreSQL advisory lock that serialises appends
 
@@ -33,29 +32,13 @@ class ChainReport:
     seq: int | None = None
 
 
-def _at(value: datetime | str) -> str:
-    if isinstance(value, str):
-        return value
-    if value.tzinfo is None:  # SQLModel stores aware UTC; a naive value is UTC
-        value = value.replace(tzinfo=timezone.utc)
-    value = value.astimezone(timezone.utc)
-    return value.isoformat(timespec="microseconds")
-
-
 def entry_of(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
     """The hashed fields of an event, in canonical form."""
     get = event.get if isinstance(event, dict) else lambda k: getattr(event, k)
     entry = {k: get(k) for k in _FIELDS}
-    entry["at"] = _at(entry["at"])
+    entry["at"] = canonical_time(entry["at"])
     entry["detail"] = entry["detail"] or {}
     return entry
-
-
-def compute_hash(prev_hash: str, entry: dict[str, Any]) -> str:
-    """sha256 over the previous hash and the entry's canonical JSON (sorted keys, no spaces)."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(prev_hash.encode() + canonical.encode()).hexdigest()
 
 
 def _lock(session: Session) -> None:

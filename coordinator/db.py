@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import sqlalchemy as sa
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel
 
 from evoclone.federated.stores import create_tables as _create_tables
+from evoclone.federated.stores.engine import make_engine as engine_for
 
 from . import models  # noqa: F401  (registers every table on SQLModel.metadata)
 from .settings import CoordinatorSettings
@@ -22,23 +23,8 @@ class DatabaseUnavailable(RuntimeError):
 
 
 def make_engine(settings: CoordinatorSettings) -> sa.Engine:
-    """An engine for the configured database; pre-ping replaces connections the server dropped."""
-    url = settings.db_url
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record) -> None:  # WAL: readers never wait for the audit writer
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # WAL with synchronous=NORMAL: a commit is atomic and survives a crash of the process, and the
-            # fsync happens at checkpoints instead of on every commit (SQLite's recommended WAL setting)
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+    """An engine for the configured database (the services' shared SQLite/PostgreSQL setup)."""
+    return engine_for(settings.db_url)
 
 
 def create_tables(engine: sa.Engine) -> None:

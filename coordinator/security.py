@@ -1,4 +1,4 @@
-"""Passwords (argon2id) and bearer tokens (JWT HS256: access and refresh, with role, exp, jti and type)."""
+"""Bearer tokens (JWT HS256: access and refresh, with role, exp, jti and type)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import jwt
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .settings import CoordinatorSettings
 
@@ -30,29 +28,6 @@ class TokenClaims:
     type: str
     jti: str
     expires_at: datetime
-
-
-def _hasher() -> PasswordHasher:
-    return PasswordHasher()  # argon2id with the library's current recommended cost
-
-
-def hash_password(password: str) -> str:
-    """An argon2id hash of `password`."""
-    return _hasher().hash(password)
-
-
-def verify_password(password: str, password_hash: str) -> bool:
-    """Whether `password` matches `password_hash` (False for a malformed hash)."""
-    try:
-        return _hasher().verify(password_hash, password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
-
-
-def dummy_verify(password: str) -> None:
-    """Spend the time of one verification, so unknown users cannot be told apart by timing."""
-    verify_password(password, "$argon2id$v=19$m=65536,t=3,p=4$qsYopyKN+INMSeUnBlAueg$"
-                              "tsFYdOYTGeUrDGDcnTl0D5o9mV5xUv+f1PFh8AWLYy8")
 
 
 def create_token(*, settings: CoordinatorSettings, subject: str, role: str, type: str,

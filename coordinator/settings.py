@@ -55,9 +55,9 @@ class CoordinatorSettings(BaseSettings):
 
     @field_validator("jwt_secret")
     @classmethod
-    def _not_placeholder(cls, v: SecretStr) -> SecretStr:
+    def _not_an_example_value(cls, v: SecretStr) -> SecretStr:
         if len(set(v.get_secret_value())) < 8:
-            raise ValueError("jwt_secret looks like a placeholder; run `evoclone coordinator init` to generate one")
+            raise ValueError("jwt_secret looks like an example value (changeme, secret, ...); run `evoclone coordinator init` to generate one")
         return v
 
     @model_validator(mode="after")

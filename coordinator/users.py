@@ -7,9 +7,11 @@ from datetime import datetime, timezone
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from evoclone.privacy.passwords import dummy_verify, hash_password, verify_password
+
 from .errors import AuthenticationFailed, Conflict, NotFound
 from .models import RefreshToken, User, UserCreate
-from .security import TokenClaims, dummy_verify, hash_password, verify_password
+from .security import TokenClaims
 
 
 def create_user(*, session: Session, data: UserCreate) -> User:

@@ -43,9 +43,9 @@ class SiteSettings(BaseSettings):
 
     @field_validator("jwt_secret")
     @classmethod
-    def _not_placeholder(cls, v: SecretStr | None) -> SecretStr | None:
+    def _not_an_example_value(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and (len(v.get_secret_value()) < 32 or len(set(v.get_secret_value())) < 8):
-            raise ValueError("jwt_secret is shorter than 32 characters or looks like a placeholder; delete "
+            raise ValueError("jwt_secret is shorter than 32 characters or looks like an example value (changeme, secret, ...); delete "
                              "jwt.secret in the site directory and run `evoclone site serve` to generate one")
         return v
 

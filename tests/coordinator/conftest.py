@@ -16,7 +16,7 @@ def cheap_argon2(monkeypatch):
     """Fast argon2 parameters: the tests check behaviour, not the cost (production keeps the library default)."""
     from argon2 import PasswordHasher
 
-    monkeypatch.setattr("evoclone.coordinator.security._hasher",
+    monkeypatch.setattr("evoclone.privacy.passwords._hasher",
                         lambda: PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
 
 

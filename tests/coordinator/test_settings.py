@@ -11,13 +11,13 @@ from pydantic import ValidationError
 from evoclone.coordinator.settings import CoordinatorSettings, get_settings, load_settings
 
 
-def test_secret_is_required_and_not_a_placeholder(tmp_path, monkeypatch):
+def test_secret_is_required_and_not_an_example_value(tmp_path, monkeypatch):
     monkeypatch.delenv("EVOCLONE_COORDINATOR_JWT_SECRET", raising=False)
     with pytest.raises(ValidationError, match="jwt_secret"):
         CoordinatorSettings(state_dir=tmp_path)
     with pytest.raises(ValidationError, match="at least 32"):
         CoordinatorSettings(state_dir=tmp_path, jwt_secret="short")
-    with pytest.raises(ValidationError, match="placeholder"):
+    with pytest.raises(ValidationError, match="example value"):
         CoordinatorSettings(state_dir=tmp_path, jwt_secret="x" * 40)
     with pytest.raises(ValidationError, match="set both tls_cert and tls_key"):
         CoordinatorSettings(state_dir=tmp_path, jwt_secret="abcdefghij" * 4, tls_cert=tmp_path / "c.pem")
