@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import SecretStr
 from sqlmodel import Session, select
 
 from evoclone.coordinator.audit import verify_stored_chain
@@ -365,3 +366,40 @@ def test_a_finished_runs_model_is_registered_and_a_tampered_store_refused(client
     blob.write_bytes(b"corrupted")
     r = client.get(f"/api/v1/models/{version_id}/download", headers=sponsor)
     assert r.status_code == 409 and "differs from its registered sha256" in r.json()["detail"]
+
+
+def test_registered_weights_live_in_minio_when_configured(settings, headers_for, tmp_path):
+    """The same registration against an S3 API server: files by sha256 in the bucket, bundle served from it."""
+    import io
+    import tarfile
+
+    from fastapi.testclient import TestClient
+    from minio import Minio
+
+    from evoclone.coordinator.api.main import create_app
+
+    from ..servers import s3_server
+
+    with s3_server() as endpoint:
+        s3 = settings.model_copy(update={"minio_endpoint": endpoint, "minio_access_key": "evoclone",
+                                         "minio_secret_key": SecretStr("evoclone-secret"), "minio_bucket": "models",
+                                         "minio_secure": False})
+        with TestClient(create_app(s3), raise_server_exceptions=False) as client:
+            admin, sponsor = headers_for(client, "admin"), headers_for(client, "sponsor")
+            site = active_site(client, admin, "site-a")
+            study = client.post("/api/v1/studies", headers=sponsor, json={
+                "name": "s3", "indication": "x", "phase": "II", "arms": ["a", "b"], "endpoints": ["os"],
+                "target_epsilon": 3.0, "target_delta": 1e-5, "site_ids": [site]}).json()["id"]
+            d = model_dir(tmp_path, 7)
+            v = upload(client, sponsor, study, d)
+            assert v.status_code == 201, v.text
+            files = v.json()["files"]
+            bucket = Minio(endpoint, access_key="evoclone", secret_key="evoclone-secret", secure=False)
+            keys = {o.object_name for o in bucket.list_objects("models", recursive=True)}
+            assert {f["key"] for f in files.values()} <= keys
+            r = client.get(f"/api/v1/models/{v.json()['id']}/download", headers=sponsor)
+            assert r.status_code == 200
+            names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
+            assert "manifest.json" in names and "signature.json" in names
+            for name in files:
+                assert name in names
