@@ -34,15 +34,15 @@ RETRY_AFTER_FAILURE_S = 1.0  # while Redis is down, skip it for this long instea
 class SiteCache:
     """The twin/prediction cache with failure isolation: a broken backend degrades to uncached service."""
 
-    def __init__(self, *, backend: Cache, ttl_seconds: float) -> None:
-        self.backend, self.ttl = backend, ttl_seconds
+    def __init__(self, *, backend: Cache, ttl_seconds: float, retry_after_s: float = RETRY_AFTER_FAILURE_S) -> None:
+        self.backend, self.ttl, self.retry_after_s = backend, ttl_seconds, retry_after_s
         self._down_until = 0.0
 
     def _usable(self) -> bool:
         return time.monotonic() >= self._down_until
 
     def _failed(self, exc: Exception) -> None:
-        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+        self._down_until = time.monotonic() + self.retry_after_s
         log.warning("twin cache unavailable (%s); serving uncached", type(exc).__name__)
 
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> tuple[dict, CacheStatus]:
@@ -110,13 +110,13 @@ def generate(*, model: LoadedModel, record: PatientRecord, arm: str, count: int,
     for t in twins:
         o = t.record.outcomes
         within = o.time_to_event is not None and o.time_to_event <= cut
-        out.append({"copy": t.copy, "quality": t.quality, "tries": t.tries,
+        out.append({"copy_index": t.copy, "quality": t.quality, "tries": t.tries,
                     "outcome": {"time": min(o.time_to_event, cut) if o.time_to_event is not None else None,
                                 "event": bool(o.event) and within},
                     "events": [[e.time, e.code, e.value, e.unit] for e in t.record.events if 0 < e.time <= cut]})
     return {"model_version": model.version, "arm": arm, "count": count, "horizon_days": cut,
             "passed": stats["passed"], "failed": stats["failed"], "twins": out,
-            "failures": [{"copy": f.copy, "tries": f.tries, "reasons": list(f.reasons)} for f in failed]}
+            "failures": [{"copy_index": f.copy, "tries": f.tries, "reasons": list(f.reasons)} for f in failed]}
 
 
 def predict(*, model: LoadedModel, record: PatientRecord, arm: str) -> dict[str, Any]:

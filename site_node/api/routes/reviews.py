@@ -1,0 +1,136 @@
+"""The clinician review queue: list, read, approve, reject (the twin is regenerated under a constraint), annotate;
+and the feedback each training run took."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from ...access_log import AccessEntryCreate, record_access
+from ...errors import SiteError
+from ...inference import generate
+from ...keyring import load_keyring
+from ...patients import PSEUDONYM_PATTERN, get_record
+from ...review import annotate, decide, export_feedback, feedback_usage, get_review, list_reviews, \
+    queue_regenerated, reason_constraints
+from ...review_models import AnnotateRequest, DecisionPublic, RejectRequest, ReviewQueuePublic, ReviewStatus, \
+    TwinReview, TwinReviewPublic, public
+from ..deps import AdminUser, ClinicalUser, EngineDep, NowDep, ReasonDep, RequestId, SessionDep, SettingsDep
+from ..twin_deps import ServicesDep
+
+router = APIRouter(prefix="/reviews", tags=["reviews"])
+log = logging.getLogger("evoclone.site.api")
+NOT_FOUND = {404: {"description": "no such review"}}
+
+
+class FeedbackExportRequest(BaseModel):
+    """The training run (round) whose snapshot takes the verdicts not used yet."""
+
+    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+
+@router.get("", response_model=ReviewQueuePublic)
+def read_queue(user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep, now: NowDep,
+               rid: RequestId,
+               status: Annotated[ReviewStatus | None, Query(description="pending (default), approved or rejected")
+                                 ] = ReviewStatus.pending,
+               study: Annotated[str | None, Query(max_length=64)] = None,
+               patient: Annotated[str | None, Query(pattern=PSEUDONYM_PATTERN, description="a site pseudonym")
+                                  ] = None,
+               min_quality: Annotated[float | None, Query(ge=0, le=1)] = None,
+               limit: Annotated[int, Query(ge=1, le=500)] = 100,
+               offset: Annotated[int, Query(ge=0)] = 0) -> ReviewQueuePublic:
+    """Twins awaiting review (or reviewed), filtered by study, patient and minimum quality score."""
+    rows, total = list_reviews(session=session, status=status, study=study, pseudonym=patient,
+                               min_quality=min_quality, limit=limit, offset=offset)
+    record_access(engine=engine, at=now, data=AccessEntryCreate(actor=user.name, role=user.role, action="review.list",
+                                                                pseudonym=patient or "", reason=reason.value,
+                                                                request_id=rid))
+    return ReviewQueuePublic(items=[public(r) for r in rows], count=total)
+
+
+@router.get("/feedback", response_model=list[dict[str, Any]])
+def read_feedback_usage(_user: AdminUser, session: SessionDep) -> list[dict[str, Any]]:
+    """Which training run used how many approved and rejected twins (run_id null: not used yet)."""
+    return feedback_usage(session=session)
+
+
+@router.post("/feedback/export", response_model=dict[str, Any])
+def export_feedback_for_run(body: FeedbackExportRequest, _user: AdminUser, engine: EngineDep,
+                            settings: SettingsDep, now: NowDep) -> dict[str, Any]:
+    """Write the unused verdicts next to the training snapshot for a run, and mark them used by it."""
+    out = export_feedback(engine=engine, site_dir=settings.site_dir, run_id=body.run_id, now=now)
+    return {**out, "path": f"feedback/{body.run_id}.jsonl"}
+
+
+@router.get("/{review_id}", response_model=TwinReviewPublic, responses=NOT_FOUND)
+def read_review(review_id: int, user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep,
+                now: NowDep, rid: RequestId) -> TwinReviewPublic:
+    """One twin under review."""
+    row = get_review(session=session, review_id=review_id)
+    record_access(engine=engine, at=now, data=AccessEntryCreate(actor=user.name, role=user.role, action="review.read",
+                                                                pseudonym=row.pseudonym, reason=reason.value,
+                                                                request_id=rid))
+    return public(row)
+
+
+@router.post("/{review_id}/approve", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
+    "description": "already reviewed"}})
+def approve(review_id: int, user: ClinicalUser, reason: ReasonDep, engine: EngineDep, now: NowDep,
+            rid: RequestId) -> DecisionPublic:
+    """Approve a pending twin: it becomes positive feedback (synthetic augmentation) for the next training run."""
+    row = decide(engine=engine, review_id=review_id, status=ReviewStatus.approved, actor=user.name, role=user.role,
+                 reason=reason.value, request_id=rid, now=now)
+    return DecisionPublic(review=public(row))
+
+
+def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, role: str, reason: str, rid: str,
+               now) -> tuple[TwinReview | None, str | None]:
+    """Generate a replacement for a rejected twin under the reason's constraint and queue it; or why not."""
+    import json
+
+    try:
+        model = services.models.get()
+        record = get_record(engine=engine, keyring=load_keyring(settings.site_dir), pseudonym=row.pseudonym)
+        cons = reason_constraints(reason=why, tok=model.tokenizer, patient=record,
+                                  events=json.loads(row.twin_json)["events"])
+        doc = generate(model=model, record=record, arm=row.arm, count=1, seed=1_000_003 * row.id % (2**31),
+                       constraints=cons)
+    except SiteError as exc:
+        return None, str(exc)
+    if not doc["twins"]:
+        return None, "the quality gate refused every regenerated try; generate new twins for this patient"
+    new = queue_regenerated(engine=engine, parent=row, twin=doc["twins"][0], model_version=model.version,
+                            actor=actor, role=role, reason=reason, request_id=rid, now=now)
+    return new, None
+
+
+@router.post("/{review_id}/reject", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
+    "description": "already reviewed"}})
+async def reject(review_id: int, body: RejectRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
+                 settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId) -> DecisionPublic:
+    """Reject a pending twin with a reason (and scrubbed free text); a replacement is regenerated under the reason's
+    constraint and queued."""
+    def work() -> DecisionPublic:
+        row = decide(engine=engine, review_id=review_id, status=ReviewStatus.rejected, actor=user.name,
+                     role=user.role, reason=reason.value, request_id=rid, reject_reason=body.reason, text=body.text,
+                     now=now)
+        if not body.regenerate:
+            return DecisionPublic(review=public(row))
+        new, why_not = regenerate(services=services, engine=engine, settings=settings, row=row, why=body.reason,
+                                  actor=user.name, role=user.role, reason=reason.value, rid=rid, now=now)
+        return DecisionPublic(review=public(row), regenerated=public(new) if new else None, regeneration=why_not)
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/{review_id}/annotate", response_model=TwinReviewPublic, responses=NOT_FOUND)
+def annotate_review(review_id: int, body: AnnotateRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
+                    now: NowDep, rid: RequestId) -> TwinReviewPublic:
+    """Add a note to a twin (scrubbed of identifiers before it is stored)."""
+    return public(annotate(engine=engine, review_id=review_id, text=body.text, actor=user.name, role=user.role,
+                           reason=reason.value, request_id=rid, now=now))
