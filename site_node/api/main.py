@@ -18,7 +18,7 @@ from ..sessions import SessionBackend, open_backend
 from ..settings import SiteSettings, get_settings
 from . import errors
 from .middleware import Metrics, ServiceMiddleware
-from .routes import audit, auth, health, patients, tokens, users
+from .routes import audit, auth, health, jobs, models, patients, reviews, tokens, twins, users
 
 API_PREFIX = "/api/v1"
 SITE_DIR_ENV = "EVOCLONE_SITE_DIR"
@@ -32,7 +32,7 @@ def utc_now() -> datetime:
 def api_router() -> APIRouter:
     """Every resource router under /api/v1 (later resources add theirs here)."""
     router = APIRouter(prefix=API_PREFIX)
-    for module in (auth, users, tokens, patients, audit):
+    for module in (auth, users, tokens, patients, twins, reviews, jobs, models, audit):
         router.include_router(module.router)
     return router
 
