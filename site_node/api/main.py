@@ -18,7 +18,7 @@ from ..sessions import SessionBackend, open_backend
 from ..settings import SiteSettings, get_settings
 from . import errors
 from .middleware import Metrics, ServiceMiddleware
-from .routes import audit, auth, health, jobs, models, patients, reviews, tokens, twins, users
+from .routes import audit, auth, health, jobs, models, pages, patients, reviews, tokens, twins, users
 
 API_PREFIX = "/api/v1"
 SITE_DIR_ENV = "EVOCLONE_SITE_DIR"
@@ -64,6 +64,7 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
     errors.install(app)
     app.include_router(health.router)
     app.include_router(api_router())
+    app.include_router(pages.router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics)
     return app
 
