@@ -184,3 +184,31 @@ def test_cohort_job_progress_and_cancel(client, clinician, patient, installed):
         time.sleep(0.02)
     assert client.get(f"/api/v1/jobs/{started.id}", headers=clinician).json()["status"] == "cancelled"
     assert client.get("/api/v1/jobs/nope", headers=clinician).status_code == 404
+
+
+def test_site_model_cli_installs_lists_and_promotes(site_dir, model_dir, coordinator_key, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from evoclone.cli.site_models import model_app
+
+    runner = CliRunner()
+    (tmp_path / "v1.tar").write_bytes(signed_bundle(model_dir, coordinator_key, version="v1"))
+    (tmp_path / "v2.tar").write_bytes(signed_bundle(model_dir, coordinator_key, version="v2"))
+    (tmp_path / "coordinator.pem").write_bytes(public_pem(coordinator_key))
+    base = ["--site-dir", str(site_dir)]
+    r = runner.invoke(model_app, ["install", *base, "--bundle", str(tmp_path / "v1.tar"), "--public-key",
+                                  str(tmp_path / "coordinator.pem"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["version"] == "v1" and json.loads(r.stdout)["promoted"] is True
+    r = runner.invoke(model_app, ["install", *base, "--bundle", str(tmp_path / "v2.tar"), "--no-promote", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["promoted"] is False, r.output  # the pinned key verifies it
+    r = runner.invoke(model_app, ["install", *base, "--bundle", str(tmp_path / "v2.tar")])
+    assert r.exit_code == 1 and "already installed" in r.output
+    r = runner.invoke(model_app, ["promote", *base, "v2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["promoted"] is True
+    r = runner.invoke(model_app, ["list", *base, "--json"])
+    assert [json.loads(x)["promoted"] for x in r.stdout.splitlines()] == [True, False]
+    r = runner.invoke(model_app, ["install", *base, "--bundle", str(tmp_path / "missing.tar")])
+    assert r.exit_code == 2 and "readable file" in r.output
