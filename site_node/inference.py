@@ -45,27 +45,35 @@ class SiteCache:
         self._down_until = time.monotonic() + self.retry_after_s
         log.warning("twin cache unavailable (%s); serving uncached", type(exc).__name__)
 
+    def lookup(self, key: str) -> tuple[dict | None, CacheStatus]:
+        """The cached value of `key` (None when absent) and how the cache answered."""
+        if not self._usable():
+            return None, "unavailable"
+        try:
+            raw = self.backend.get(key)
+        except Exception as exc:  # noqa: BLE001 (any backend failure means: serve uncached)
+            self._failed(exc)
+            return None, "unavailable"
+        return (json.loads(raw), "hit") if raw is not None else (None, "miss")
+
+    def store(self, key: str, value: dict, status: CacheStatus) -> CacheStatus:
+        """Cache a computed value after a miss; the status to report."""
+        if status != "miss":
+            return status
+        try:
+            self.backend.set(key, json.dumps(value, separators=(",", ":")).encode(), ttl=self.ttl)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return "unavailable"
+        return "miss"
+
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> tuple[dict, CacheStatus]:
         """The cached value of `key`, or `compute()` stored for the TTL; with how it was served."""
-        status: CacheStatus = "miss"
-        if self._usable():
-            try:
-                raw = self.backend.get(key)
-                if raw is not None:
-                    return json.loads(raw), "hit"
-            except Exception as exc:  # noqa: BLE001 (any backend failure means: serve uncached)
-                self._failed(exc)
-                status = "unavailable"
-        else:
-            status = "unavailable"
+        value, status = self.lookup(key)
+        if value is not None:
+            return value, status
         value = compute()
-        if status == "miss":
-            try:
-                self.backend.set(key, json.dumps(value, separators=(",", ":")).encode(), ttl=self.ttl)
-            except Exception as exc:  # noqa: BLE001
-                self._failed(exc)
-                status = "unavailable"
-        return value, status
+        return value, self.store(key, value, status)
 
     def purge(self, prefix: str = "") -> int:
         """Remove cached results (all, or those under a prefix such as a model version); -1 when unavailable."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from dataclasses import dataclass
-from typing import Annotated
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -13,6 +16,7 @@ from evoclone.federated.stores.cache import open_cache
 from ..inference import JobRunner, SiteCache
 from ..local_models import ModelHolder
 
+T = TypeVar("T")
 _INIT = threading.Lock()  # guards the first creation only; the services live on app.state
 
 
@@ -23,6 +27,13 @@ class TwinServices:
     models: ModelHolder
     cache: SiteCache
     jobs: JobRunner
+    # model work runs on its own thread: requests waiting for the (serialised) model must not occupy the
+    # shared threadpool, or cached lookups queue behind them
+    model_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "site-model"))
+
+    async def run_model(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model thread and await its result."""
+        return await asyncio.wrap_future(self.model_pool.submit(fn))
 
 
 def twin_services(request: Request) -> TwinServices:

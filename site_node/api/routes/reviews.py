@@ -7,7 +7,6 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from ...access_log import AccessEntryCreate, record_access
@@ -112,7 +111,8 @@ def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, 
 @router.post("/{review_id}/reject", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
     "description": "already reviewed"}})
 async def reject(review_id: int, body: RejectRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
-                 settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId) -> DecisionPublic:
+                 settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId,
+                 session: SessionDep) -> DecisionPublic:
     """Reject a pending twin with a reason (and scrubbed free text); a replacement is regenerated under the reason's
     constraint and queued."""
     def work() -> DecisionPublic:
@@ -125,7 +125,8 @@ async def reject(review_id: int, body: RejectRequest, user: ClinicalUser, reason
                                   actor=user.name, role=user.role, reason=reason.value, rid=rid, now=now)
         return DecisionPublic(review=public(row), regenerated=public(new) if new else None, regeneration=why_not)
 
-    return await run_in_threadpool(work)
+    session.close()  # give the auth lookup's connection back: regeneration waits for the model
+    return await services.run_model(work)
 
 
 @router.post("/{review_id}/annotate", response_model=TwinReviewPublic, responses=NOT_FOUND)

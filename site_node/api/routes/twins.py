@@ -16,7 +16,7 @@ from ...keyring import load_keyring
 from ...patients import get_record
 from ...review import queue_twins
 from ...review_models import TwinReviewCreate
-from ..deps import ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SettingsDep
+from ..deps import ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SessionDep, SettingsDep
 from ..twin_deps import ServicesDep
 
 router = APIRouter(prefix="/patients", tags=["twins"])
@@ -88,40 +88,37 @@ def load_patient(*, engine, settings, pseudonym: str, entry: dict, now):
 @router.post("/{pseudonym}/twins", response_model=TwinsPublic, responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: ClinicalUser, reason: ReasonDep,
                        engine: EngineDep, settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId,
-                       response: Response) -> TwinsPublic:
+                       response: Response, session: SessionDep) -> TwinsPublic:
     """Generate gated twins of a patient with the promoted model; new twins are queued for clinician review."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid)
-
-    def work() -> tuple[dict, str]:
-        model = services.models.get()
-        params = body.model_dump()
-
+    session.close()  # give the auth lookup's connection back: the model may keep this request waiting
+    model = await run_in_threadpool(services.models.get)
+    key = cache_key(model.version, "twins", pseudonym, body.model_dump())
+    doc, status = await run_in_threadpool(services.cache.lookup, key)
+    if doc is None:
         def fresh() -> dict:
             record = load_patient(engine=engine, settings=settings, pseudonym=pseudonym, now=now,
                                   entry={**entry, "action": "twin.generate"})
-            doc = generate(model=model, record=record, arm=body.arm, count=body.count,
+            out = generate(model=model, record=record, arm=body.arm, count=body.count,
                            horizon_days=body.horizon_days, seed=body.seed)
             items = [TwinReviewCreate(study=body.study, pseudonym=pseudonym, model_version=model.version,
                                       arm=body.arm, quality=t["quality"], copy_index=t["copy_index"],
-                                      events=t["events"],
-                                      outcome=t["outcome"]) for t in doc["twins"]]
+                                      events=t["events"], outcome=t["outcome"]) for t in out["twins"]]
             # the queued twins and the access-log entry of their generation commit together
-            with Session(engine, expire_on_commit=False) as session:
-                rows = queue_twins(session=session, items=items, now=now)
-                append_access(session=session, at=now, data=AccessEntryCreate(
-                    **entry, action="twin.generate", pseudonym=pseudonym))
-                session.commit()
-            for t, row in zip(doc["twins"], rows):
+            with Session(engine, expire_on_commit=False) as s:
+                rows = queue_twins(session=s, items=items, now=now)
+                append_access(session=s, at=now, data=AccessEntryCreate(**entry, action="twin.generate",
+                                                                        pseudonym=pseudonym))
+                s.commit()
+            for t, row in zip(out["twins"], rows):
                 t["review_id"] = row.id
-            return doc
+            return out
 
-        doc, status = services.cache.get_or_compute(cache_key(model.version, "twins", pseudonym, params), fresh)
-        if status == "hit":
-            record_access(engine=engine, data=AccessEntryCreate(**entry, action="twin.read", pseudonym=pseudonym),
-                          at=now)
-        return doc, status
-
-    doc, status = await run_in_threadpool(work)
+        doc = await services.run_model(fresh)
+        status = await run_in_threadpool(services.cache.store, key, doc, status)
+    else:
+        await run_in_threadpool(lambda: record_access(engine=engine, at=now, data=AccessEntryCreate(
+            **entry, action="twin.read", pseudonym=pseudonym)))
     response.headers["X-Cache"] = status
     return TwinsPublic(**doc)
 
@@ -130,23 +127,23 @@ async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: Clinic
             responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def read_prediction(pseudonym: PseudonymPath, arm: Annotated[Arm, Query(description="the arm to predict under")],
                           user: ClinicalUser, reason: ReasonDep, engine: EngineDep, settings: SettingsDep,
-                          services: ServicesDep, now: NowDep, rid: RequestId, response: Response
-                          ) -> PredictionPublic:
+                          services: ServicesDep, now: NowDep, rid: RequestId, response: Response,
+                          session: SessionDep) -> PredictionPublic:
     """The patient's predicted risk under an arm, with a 95% interval, the risk category and the top features."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid, action="prediction.read")
-
-    def work() -> tuple[dict, str]:
-        model = services.models.get()
-
+    session.close()  # give the auth lookup's connection back: the model may keep this request waiting
+    model = await run_in_threadpool(services.models.get)
+    key = cache_key(model.version, "prediction", pseudonym, {"arm": arm})
+    doc, status = await run_in_threadpool(services.cache.lookup, key)
+    if doc is None:
         def fresh() -> dict:
             record = load_patient(engine=engine, settings=settings, pseudonym=pseudonym, entry=entry, now=now)
             return predict(model=model, record=record, arm=arm)
 
-        result = services.cache.get_or_compute(cache_key(model.version, "prediction", pseudonym, {"arm": arm}), fresh)
-        # logged before the result leaves, cached or not
-        record_access(engine=engine, data=AccessEntryCreate(**entry, pseudonym=pseudonym), at=now)
-        return result
-
-    doc, status = await run_in_threadpool(work)
+        doc = await services.run_model(fresh)
+        status = await run_in_threadpool(services.cache.store, key, doc, status)
+    # logged before the result leaves, cached or not
+    await run_in_threadpool(lambda: record_access(engine=engine, data=AccessEntryCreate(**entry, pseudonym=pseudonym),
+                                                  at=now))
     response.headers["X-Cache"] = status
     return PredictionPublic(**doc)
