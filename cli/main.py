@@ -14,6 +14,7 @@ from .coordinator import coordinator_app
 from .data import data_app
 from .pki import pki_app
 from .site import site_app
+from .site_models import model_app as site_model_app
 from .site_reports import report_app
 from .sponsor import login as login_cmd
 from .sponsor import model_app, round_app, study_app
@@ -28,6 +29,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(pki_app, name="pki")
 app.add_typer(site_app, name="site")
 site_app.add_typer(report_app, name="report")
+site_app.add_typer(site_model_app, name="model")
 app.add_typer(twins_app, name="twins")
 app.add_typer(trial_app, name="trial")
 app.add_typer(analyze_app, name="analyze")
