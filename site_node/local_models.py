@@ -32,7 +32,11 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ModelUnavailable(StoreUnavailable):
-    """No usable model: none promoted, or the promoted one failed verification or loading (503, never 500)."""
+    """The promoted model failed verification or loading (503, never 500)."""
+
+
+class NoModelInstalled(Conflict):
+    """No model version is promoted at this site yet (409: the site's state, not a server failure)."""
 
 
 class LocalModelBase(SQLModel):
@@ -156,8 +160,8 @@ def current(*, engine: sa.Engine) -> LocalModel:
     with Session(engine, expire_on_commit=False) as session:
         row = session.exec(select(LocalModel).where(LocalModel.promoted == True)).first()  # noqa: E712
     if row is None:
-        raise ModelUnavailable("model failed to load: no model version is promoted at this site; install one "
-                               "with `evoclone site model install`")
+        raise NoModelInstalled("no model version is promoted at this site; install one with "
+                               "`evoclone site model install`")
     return row
 
 

@@ -165,3 +165,7 @@ def access_reason(reason: Annotated[AccessReason | None, Query(description="why 
 
 ReasonDep = Annotated[AccessReason, Depends(access_reason)]
 PseudonymPath = Annotated[str, Path(pattern=PSEUDONYM_PATTERN, description="the site pseudonym (P-<32 hex>)")]
+
+
+# ids are database integers: a larger one is a 422, never an overflow in the driver (a 500)
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row id")]

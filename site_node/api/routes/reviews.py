@@ -18,7 +18,7 @@ from ...review import annotate, decide, export_feedback, feedback_usage, get_rev
     queue_regenerated, reason_constraints
 from ...review_models import AnnotateRequest, DecisionPublic, RejectRequest, ReviewQueuePublic, ReviewStatus, \
     TwinReview, TwinReviewPublic, public
-from ..deps import AdminUser, ClinicalUser, EngineDep, NowDep, ReasonDep, RequestId, SessionDep, SettingsDep
+from ..deps import RowId, AdminUser, ClinicalUser, EngineDep, NowDep, ReasonDep, RequestId, SessionDep, SettingsDep
 from ..twin_deps import ServicesDep
 
 router = APIRouter(prefix="/reviews", tags=["reviews"])
@@ -67,7 +67,7 @@ def export_feedback_for_run(body: FeedbackExportRequest, _user: AdminUser, engin
 
 
 @router.get("/{review_id}", response_model=TwinReviewPublic, responses=NOT_FOUND)
-def read_review(review_id: int, user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep,
+def read_review(review_id: RowId, user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep,
                 now: NowDep, rid: RequestId) -> TwinReviewPublic:
     """One twin under review."""
     row = get_review(session=session, review_id=review_id)
@@ -79,7 +79,7 @@ def read_review(review_id: int, user: ClinicalUser, reason: ReasonDep, session: 
 
 @router.post("/{review_id}/approve", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
     "description": "already reviewed"}})
-def approve(review_id: int, user: ClinicalUser, reason: ReasonDep, engine: EngineDep, now: NowDep,
+def approve(review_id: RowId, user: ClinicalUser, reason: ReasonDep, engine: EngineDep, now: NowDep,
             rid: RequestId) -> DecisionPublic:
     """Approve a pending twin: it becomes positive feedback (synthetic augmentation) for the next training run."""
     row = decide(engine=engine, review_id=review_id, status=ReviewStatus.approved, actor=user.name, role=user.role,
@@ -110,7 +110,7 @@ def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, 
 
 @router.post("/{review_id}/reject", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
     "description": "already reviewed"}})
-async def reject(review_id: int, body: RejectRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
+async def reject(review_id: RowId, body: RejectRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
                  settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId,
                  session: SessionDep) -> DecisionPublic:
     """Reject a pending twin with a reason (and scrubbed free text); a replacement is regenerated under the reason's
@@ -130,7 +130,7 @@ async def reject(review_id: int, body: RejectRequest, user: ClinicalUser, reason
 
 
 @router.post("/{review_id}/annotate", response_model=TwinReviewPublic, responses=NOT_FOUND)
-def annotate_review(review_id: int, body: AnnotateRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
+def annotate_review(review_id: RowId, body: AnnotateRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
                     now: NowDep, rid: RequestId) -> TwinReviewPublic:
     """Add a note to a twin (scrubbed of identifiers before it is stored)."""
     return public(annotate(engine=engine, review_id=review_id, text=body.text, actor=user.name, role=user.role,

@@ -104,7 +104,7 @@ def test_bad_input(client, clinician, headers_for, patient, installed, tmp_path)
 
 def test_a_model_that_fails_to_load_is_a_503_never_a_500(client, clinician, patient, model_dir, coordinator_key):
     r = _twins(client, clinician, patient)
-    assert r.status_code == 503 and r.json()["detail"].startswith("model failed to load")
+    assert r.status_code == 409 and r.json()["detail"].startswith("no model version is promoted at this site")
     from evoclone.site_node.local_models import install_bundle, models_root
 
     settings = client.app.state.settings
