@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 
 def one_line(text: object) -> str:
@@ -80,3 +80,28 @@ async def send_json(send: Send, status: int, body: dict, headers: Mapping[str, s
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *extra]})
     await send({"type": "http.response.body", "body": data})
+
+
+async def read_body(headers: dict, receive: Receive, send: Send, *, limit: int, knob: str) -> bytes | None:
+    """The whole request body, or None after answering 413 (or when the client went away).
+
+    `knob` names the setting that raises the limit, for the one-line error.
+    """
+    too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less ({knob} sets the limit)"}
+    declared = headers.get(b"content-length", b"").decode("latin-1")
+    if declared.isdigit() and int(declared) > limit:
+        await send_json(send, 413, too_big)
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await send_json(send, 413, too_big)
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

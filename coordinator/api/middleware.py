@@ -13,6 +13,8 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from evoclone.federated.api_common import read_body
+
 from ..audit import record_event
 from ..db import is_transient
 from ..security import ACCESS, TokenError, decode_token
@@ -94,29 +96,11 @@ class ServiceMiddleware:
             await self._observe(scope, rid, sent["status"], time.perf_counter() - t0)
 
     async def _read_body(self, headers: dict, receive: Receive, send: Send, scope: Scope) -> bytes | None:
-        """The whole body, or None after answering 413 (or when the client went away)."""
+        """The whole body, or None after answering 413 (model uploads have their own, larger limit)."""
         upload = scope.get("method") == "POST" and MODEL_UPLOAD.match(scope.get("path", "")) is not None
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
-        knob = "MAX_UPLOAD_BYTES" if upload else "MAX_BODY_BYTES"
-        too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less "
-                             f"(EVOCLONE_COORDINATOR_{knob} sets the limit)"}
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > limit:
-            await _json(send, 413, too_big)
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _json(send, 413, too_big)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        knob = "EVOCLONE_COORDINATOR_MAX_UPLOAD_BYTES" if upload else "EVOCLONE_COORDINATOR_MAX_BODY_BYTES"
+        return await read_body(headers, receive, send, limit=limit, knob=knob)
 
     async def _call_with_retries(self, scope: Scope, body: bytes, receive: Receive, send: Send, rid: str,
                                  sent: dict) -> None:

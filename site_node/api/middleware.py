@@ -13,7 +13,7 @@ import uuid
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from evoclone.federated.api_common import route_template, send_json
+from evoclone.federated.api_common import read_body, route_template, send_json
 
 log = logging.getLogger("evoclone.site.api")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -71,26 +71,7 @@ class ServiceMiddleware:
 
     async def _read_body(self, headers: dict, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (or when the client went away)."""
-        limit = self.max_body_bytes
-        too_big = {"detail": f"the request body is larger than the {limit}-byte limit; send less "
-                             "(max_body_bytes in site.json sets the limit)"}
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > limit:
-            await send_json(send, 413, too_big)
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await send_json(send, 413, too_big)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        return await read_body(headers, receive, send, limit=self.max_body_bytes, knob="max_body_bytes in site.json")
 
     async def _call(self, scope: Scope, body: bytes, receive: Receive, send: Send, rid: str, sent: dict) -> None:
         replayed = False
