@@ -114,7 +114,7 @@ def procova_data(tmp_path_factory):
 def _procova(d, *extra, trial="trial.csv"):
     return runner.invoke(app, ["analyze", "procova", "--history", str(d / "history.csv"), "--trial", str(d / trial),
                                "--treatment", "arm", "--continuous", "score", "--covariates", "risk,noise",
-                               "--epochs", "15", *extra])
+                               "--epochs", "10", "--members", "2", *extra])
 
 
 def test_procova_adjusted_effect_is_the_ancova_fit_on_the_models_score(procova_data, tmp_path):
