@@ -5,22 +5,17 @@ Tokens are 256-bit random strings, so a plain sha256 is enough to store them (no
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from datetime import datetime, timezone
 
 from sqlmodel import Session, select
+
+from evoclone.privacy.passwords import api_token_hash, new_api_token
 
 from .errors import AuthenticationFailed, Conflict, NotFound
 from .models import Site, SiteStatus
 from .registry_models import SiteToken
 
 PREFIX = "evs_"  # tells a site token from a JWT at a glance (and to the API's dependency)
-
-
-def token_hash(token: str) -> str:
-    """The stored form of a token."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def is_site_token(token: str | None) -> bool:
@@ -36,8 +31,8 @@ def issue_token(*, session: Session, site_id: int, created_by: str) -> tuple[Sit
     if site.status != SiteStatus.active:
         raise Conflict(f"site {site.name!r} is {site.status.value}; only an active site gets an API token "
                        f"(accept it with POST /api/v1/sites/{site_id}/accept)")
-    token = PREFIX + secrets.token_urlsafe(32)
-    row = SiteToken(site_id=site_id, token_hash=token_hash(token), hint=token[:10], created_by=created_by)
+    token, digest = new_api_token(PREFIX)
+    row = SiteToken(site_id=site_id, token_hash=digest, hint=token[:10], created_by=created_by)
     session.add(row)
     session.flush()
     return row, site, token
@@ -63,7 +58,7 @@ def revoke_token(*, session: Session, site_id: int, token_id: int) -> SiteToken:
 
 def authenticate_site(*, session: Session, token: str) -> Site:
     """The active site a token speaks for; AuthenticationFailed for an unknown, revoked or orphaned token."""
-    row = session.exec(select(SiteToken).where(SiteToken.token_hash == token_hash(token))).first()
+    row = session.exec(select(SiteToken).where(SiteToken.token_hash == api_token_hash(token))).first()
     if row is None or row.revoked_at is not None:
         raise AuthenticationFailed("the site token is unknown or revoked; ask the coordinator admin for a new one "
                                    "(POST /api/v1/sites/{site_id}/tokens)")

@@ -105,3 +105,17 @@ async def read_body(headers: dict, receive: Receive, send: Send, *, limit: int, 
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the already-read body first, then the connection's own messages."""
+    sent = False
+
+    async def receive_again() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again

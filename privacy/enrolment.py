@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .pki import BACKDATE, PKIError, SERVER_CURVE, _check_cn, _check_days, _is_ca, _key_pem, _load_ca, _load_cert, _serial, _subject, _summary, _utc
+from .pki import BACKDATE, PKIError, SERVER_CURVE, _check_cn, _check_days, _is_ca, _key_pem, _leaf, _load_ca, _load_cert, _subject, _summary, _utc
 
 __all__ = ["csr_info", "issue_client_from_csr", "new_csr", "verify_client_cert"]
 
@@ -71,31 +71,8 @@ def issue_client_from_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes,
                          f"{ca_end.isoformat()}); create a new CA")
     start = max(current - BACKDATE, ca_start)
     end = min(current + timedelta(days=days), ca_end)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EvoClone")])
-    public_key = csr.public_key()
-    try:
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(_serial(public_key, subject, start))
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(aki, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _leaf(ca_key, ca_cert, csr.public_key(), common_name, start, end,
+                 usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
     return cert.public_bytes(serialization.Encoding.PEM)
 
 

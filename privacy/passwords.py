@@ -1,6 +1,9 @@
-"""Password hashing with argon2id (the library's recommended cost), shared by both services."""
+"""Password hashing with argon2id (the library's recommended cost) and API tokens, shared by both services."""
 
 from __future__ import annotations
+
+import hashlib
+import secrets
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -29,3 +32,14 @@ def verify_password(password: str, password_hash: str) -> bool:
 def dummy_verify(password: str) -> None:
     """Spend the time of one verification, so unknown users cannot be told apart by timing."""
     verify_password(password, _DUMMY)
+
+
+def new_api_token(prefix: str) -> tuple[str, str]:
+    """A 256-bit random bearer token starting with `prefix`, and the hash to store (shown once, kept hashed)."""
+    token = prefix + secrets.token_urlsafe(32)
+    return token, api_token_hash(token)
+
+
+def api_token_hash(token: str) -> str:
+    """The stored form of an API token: a plain sha256 suffices for 256 random bits (no password-hash cost)."""
+    return hashlib.sha256(token.encode()).hexdigest()

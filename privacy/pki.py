@@ -165,6 +165,36 @@ def _fingerprint(cert: x509.Certificate) -> str:
 # --------------------------------------------------------------------------- issuing
 
 
+def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, public_key, common_name: str,
+          start: datetime, end: datetime, *, usages: list, extra: list | None = None) -> x509.Certificate:
+    """An end-entity certificate for `public_key` signed by the CA (server and site client certificates)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EvoClone")])
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(_serial(public_key, subject, start))
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+    for ext in extra or []:
+        builder = builder.add_extension(ext, critical=False)
+    return (builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(aki, critical=False).sign(ca_key, hashes.SHA256()))
+
+
 def new_ca(common_name: str, *, days: int = 3650, now: datetime | None = None) -> tuple[bytes, bytes]:
     """Create a self-signed CA (ECDSA P-256, path length 0). Returns (key PEM, certificate PEM)."""
     _check_cn(common_name)
@@ -219,33 +249,10 @@ def issue_server(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str, *, dns
         raise ValueError(f"a {days}-day certificate would outlive CA {_subject(ca_cert)}, which expires "
                          f"{ca_end.isoformat()}; use at most {left} days or create a new CA")
     key = ec.generate_private_key(SERVER_CURVE())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EvoClone")])
     san = [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(i) for i in ip_addrs]
-    try:
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(_serial(key.public_key(), subject, start))
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(aki, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _leaf(ca_key, ca_cert, key.public_key(), common_name, start, end,
+                 usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                 extra=[x509.SubjectAlternativeName(san)])
     return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 

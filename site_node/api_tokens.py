@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from datetime import datetime
 
 from sqlmodel import Session, select
+
+from evoclone.privacy.passwords import api_token_hash, new_api_token
 
 from .auth_models import ApiToken, ApiTokenCreate, Role
 from .errors import AuthenticationFailed, Conflict, NotFound
 
 PREFIX = "evs_site_"
-
-
-def token_hash(token: str) -> str:
-    """The stored form of a token (256-bit random: a plain sha256 is enough)."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def is_api_token(token: str | None) -> bool:
@@ -26,8 +21,8 @@ def is_api_token(token: str | None) -> bool:
 
 def issue_token(*, session: Session, data: ApiTokenCreate, created_by: str) -> tuple[ApiToken, str]:
     """A new token for a service account: (row, the token itself, shown once)."""
-    token = PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(name=data.name, role=Role(data.role).value, token_hash=token_hash(token),
+    token, digest = new_api_token(PREFIX)
+    row = ApiToken(name=data.name, role=Role(data.role).value, token_hash=digest,
                    hint=token[:len(PREFIX) + 4], created_by=created_by[:128])
     session.add(row)
     session.flush()
@@ -54,7 +49,7 @@ def revoke_token(*, session: Session, token_id: int, now: datetime) -> ApiToken:
 
 def authenticate_token(*, session: Session, token: str) -> ApiToken:
     """The live token row for `token`; AuthenticationFailed for an unknown or revoked one."""
-    row = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash(token))).first()
+    row = session.exec(select(ApiToken).where(ApiToken.token_hash == api_token_hash(token))).first()
     if row is None or row.revoked_at is not None:
         raise AuthenticationFailed("the API token is unknown or revoked; ask a site admin for a new one "
                                    "(POST /api/v1/tokens)")

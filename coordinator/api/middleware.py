@@ -13,7 +13,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from evoclone.federated.api_common import read_body
+from evoclone.federated.api_common import read_body, replay
 
 from ..audit import record_event
 from ..db import is_transient
@@ -109,17 +109,8 @@ class ServiceMiddleware:
         deadline = time.monotonic() + self.settings.db_retry_seconds
         delay = 0.05
         while True:
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
             try:
-                await self.app(scope, replay, send)
+                await self.app(scope, replay(body, receive), send)
                 return
             except Exception as exc:  # noqa: BLE001 (the one place that turns any failure into JSON)
                 if sent["started"]:

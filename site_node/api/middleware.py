@@ -13,7 +13,7 @@ import uuid
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from evoclone.federated.api_common import read_body, route_template, send_json
+from evoclone.federated.api_common import read_body, replay, route_template, send_json
 
 log = logging.getLogger("evoclone.site.api")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -74,17 +74,8 @@ class ServiceMiddleware:
         return await read_body(headers, receive, send, limit=self.max_body_bytes, knob="max_body_bytes in site.json")
 
     async def _call(self, scope: Scope, body: bytes, receive: Receive, send: Send, rid: str, sent: dict) -> None:
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay(body, receive), send)
         except Exception as exc:  # noqa: BLE001 (the one place that turns any failure into JSON)
             # the exception's text may quote what a caller sent: the log gets its type and frames only
             log.error("request %s failed: %s\n%s", rid, type(exc).__name__,
