@@ -12,6 +12,7 @@ from rich.console import Console
 from .audit import audit_app, drift_app
 from .coordinator import coordinator_app
 from .data import data_app
+from .deploy import deploy_app
 from .pki import pki_app
 from .site import site_app
 from .site_models import model_app as site_model_app
@@ -42,7 +43,22 @@ app.add_typer(round_app, name="round")
 app.add_typer(model_app, name="model")
 app.add_typer(drift_app, name="drift")
 app.add_typer(audit_app, name="audit")
+app.add_typer(deploy_app, name="deploy")
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"evoclone {version('evoclone')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the installed version and exit")] = False) -> None:
+    """EvoClone: federated, differentially private patient digital twins."""
 
 
 def fail(message: str, code: int) -> typer.Exit:

@@ -376,19 +376,55 @@ def node(site_dir: SiteDir, superlink: Annotated[str, typer.Option(help="SuperLi
     from evoclone.federated.flower.runtime import flower_env
     from evoclone.site_node.supernode import NodeSecurity, supernode_command
 
-    from .main import fail
+    from .main import err, fail
 
     settings = _settings(site_dir)
     if not insecure and (ca is None or node_key is None):
         raise fail("pass --ca and --node-key (from `evoclone pki`), or --insecure for a loopback test", 2)
-    if not settings.snapshot_path.is_file():
-        raise fail(f"{settings.snapshot_path} does not exist; run `evoclone site export-snapshot` first", 2)
+    if not settings.snapshot_path.is_file():  # a new site connects first; rounds need the snapshot
+        err.print(f"[yellow]warning:[/yellow] {settings.snapshot_path} does not exist yet: the node connects, and "
+                  "training rounds fail at this site until `evoclone site export-snapshot` writes it")
     security = None if insecure else NodeSecurity(ca_cert=ca, node_key=node_key)
     try:
         cmd = supernode_command(settings, superlink=superlink, port=port, security=security)
     except FileNotFoundError as exc:
         raise fail(str(exc), 2) from None
     os.execvpe(cmd[0], cmd, flower_env(settings.site_dir / "flower"))
+
+
+@site_app.command()
+def migrate(site_dir: SiteDir,
+            backup: Annotated[Path | None, typer.Option(help="first copy a SQLite site database here (consistent "
+                                                           "while the services run)")] = None,
+            as_json: AsJson = False) -> None:
+    """Bring the site database to this version's schema (what an upgrade runs before restarting the services).
+
+    Example: evoclone site migrate --site-dir /srv/evoclone/site --backup /opt/evoclone/backups/site-0.1.0.db
+    """
+    from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.migrate import backup_sqlite, current, upgrade
+
+    from .main import err, fail
+
+    settings = _settings(site_dir)
+    engine = make_engine(settings.db_url)
+    try:
+        before = current(engine)
+        if backup is not None:
+            if engine.dialect.name != "sqlite":
+                raise fail("--backup copies a SQLite database; back a PostgreSQL site database up with pg_dump", 2)
+            backup_sqlite(engine, backup)
+        upgrade(engine)
+        after = current(engine)
+    except OSError as exc:
+        raise fail(f"cannot migrate {site_dir}: {exc}", 1) from None
+    finally:
+        engine.dispose()
+    doc = {"from": before, "to": after, "changed": before != after, "backup": str(backup) if backup else None}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        err.print(f"site database at revision {after}" + (f" (was {before})" if before != after else " (unchanged)"))
 
 
 user_app = typer.Typer(no_args_is_help=True, help="Users of the site API (clinician, site_admin, auditor).")
