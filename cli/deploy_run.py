@@ -115,8 +115,8 @@ class Progress:
             self.errors.append({"host": host, "task": data.get("task", ""),
                                 "message": f"unreachable: {_message(data.get('res', {}))}; check the address and "
                                            f"SSH access (ansible -i INVENTORY {host} -m ansible.builtin.ping)"})
-        elif kind == "verbose" and "ERROR!" in event.get("stdout", ""):
-            self.fatal = " ".join(event["stdout"].split("ERROR!", 1)[1].split())
+        elif kind == "verbose" and not self.hosts and not self.fatal and _error_line(event.get("stdout", "")):
+            self.fatal = _error_line(event["stdout"])
 
     def table(self, *, final: bool = False, stats: dict | None = None) -> Table:
         """Per-host counters; the final one uses Ansible's own recap."""
@@ -198,10 +198,16 @@ def _last_error(runner) -> str:
         text = runner.stdout.read()
     except (OSError, AttributeError, ValueError):
         return f"ansible-playbook exited with {runner.rc}"
-    if "ERROR!" in text:
-        return " ".join(text.split("ERROR!", 1)[1].split())[:400]
+    if _error_line(text):
+        return _error_line(text)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1][:400] if lines else f"ansible-playbook exited with {runner.rc}"
+
+
+def _error_line(text: str) -> str:
+    """The message of Ansible's first error line ("[ERROR]: ..." in ansible-core 2.19, "ERROR! ..." before)."""
+    m = re.search(r"(?:\[ERROR\]:|ERROR!)\s*(.+)", re.sub(r"\x1b\[[0-9;]*m", "", text))
+    return " ".join(m.group(1).split())[:400] if m else ""
 
 
 def summary(*, target: str, check: bool, progress: Progress, stats: dict, rc: int) -> dict:

@@ -141,6 +141,15 @@ class SuperLink:
         if r.returncode != 0 and "not found" not in out.lower() and "unregistered" not in out.lower():
             raise RuntimeError(f"unregistering SuperNode {node_id} failed: {out[-300:]}")
 
+    def nodes(self) -> list[dict]:
+        """The SuperNodes the SuperLink knows (`flwr supernode list`): node-id, owner, status (registered,
+        online, offline, unregistered), ..."""
+        r = self._flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            return list(json.loads(r.stdout)["nodes"])
+        except (ValueError, KeyError):
+            raise RuntimeError(f"listing SuperNodes failed: {(r.stdout + r.stderr).strip()[-300:]}") from None
+
     def stop_run(self, run_id: str) -> None:
         """Ask the SuperLink to stop a run."""
         self._flwr("stop", run_id, CONNECTION)
