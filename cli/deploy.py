@@ -33,7 +33,7 @@ def site(inventory: Inventory, limit: Limit = None, check: Check = False, extra_
          as_json: AsJson = False) -> None:
     """Install or upgrade the hospitals' site nodes (the evoclone_sites group), one host at a time.
 
-    Example: evoclone deploy site --inventory ansible/inventories/example --vault-password-file ~/.vault-pass --limit hospital-a
+    Example: evoclone deploy site --inventory ansible/inventories/example/hosts.yml --vault-password-file ~/.vault-pass --limit hospital-a
     """
     _deploy("site", inventory, limit, check, extra_vars or [], vault_password_file, wheel, constraints, as_json)
 
@@ -44,7 +44,7 @@ def coordinator(inventory: Inventory, limit: Limit = None, check: Check = False,
                 as_json: AsJson = False) -> None:
     """Install or upgrade the coordinator (the evoclone_coordinators group): API workers, SuperLink, nginx.
 
-    Example: evoclone deploy coordinator --inventory ansible/inventories/example --vault-password-file ~/.vault-pass
+    Example: evoclone deploy coordinator --inventory ansible/inventories/example/hosts.yml --vault-password-file ~/.vault-pass
     """
     _deploy("coordinator", inventory, limit, check, extra_vars or [], vault_password_file, wheel, constraints,
             as_json)
