@@ -81,8 +81,9 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        """host:port for SuperNodes and the CLI."""
-        return f"{self.host}:{self.port}"
+        """host:port for SuperNodes and the CLI on this host (loopback when it listens on every interface)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
 
     @property
     def health_url(self) -> str:
