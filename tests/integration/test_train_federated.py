@@ -34,46 +34,80 @@ def trial_csv(tmp_path_factory) -> Path:
     return path
 
 
+def _evoclone(*args: str) -> subprocess.CompletedProcess:
+    """`evoclone ARGS` run by its own Typer app in this process (as tests/cli does), for commands whose
+    result is what their exit code and output say: a fresh interpreter would first spend seconds
+    importing torch and opacus. Checks about a whole process's stderr run the real `evoclone` instead."""
+    from typer.testing import CliRunner
+
+    from evoclone.cli.main import app
+
+    r = CliRunner().invoke(app, list(args))
+    stderr = r.stderr + ("" if r.exception is None or isinstance(r.exception, SystemExit) else repr(r.exception))
+    return subprocess.CompletedProcess(["evoclone", *args], r.exit_code, r.stdout, stderr)
+
+
 def _ledger(site_dir: Path) -> dict:
-    r = subprocess.run([EVOCLONE, "site", "budget", "--site-dir", str(site_dir), "--json"], capture_output=True,
-                       text=True, timeout=120)
+    """What `evoclone site budget --site-dir DIR --json` reports (read once the run's processes are gone)."""
+    r = _evoclone("site", "budget", "--site-dir", str(site_dir), "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
-def test_train_with_tls_node_auth_and_approval(trial_csv, tmp_path):
-    out, work = tmp_path / "model", tmp_path / "study"
+class _Background:
+    """A command running in the background with stdout and stderr in files; `result` waits for it like
+    subprocess.run(capture_output=True, text=True, timeout=...) and returns its CompletedProcess."""
+
+    def __init__(self, cmd: list[str], log_dir: Path) -> None:
+        self.out, self.err = log_dir / "stdout", log_dir / "stderr"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
+                                           self.err.read_text())
+
+    def stop(self) -> None:
+        """SIGTERM (`evoclone train` then stops every Flower process it started), SIGKILL if that hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+TLS_TEST = "test_train_with_tls_node_auth_and_approval"
+
+
+@pytest.fixture(scope="module")
+def tls_cli_train(trial_csv, tmp_path_factory):
+    """`evoclone train` over TLS with node authentication (a process tree of its own: own study directory,
+    own ports); what test_train_with_tls_node_auth_and_approval checks. See `_start_tls_cli_train_first`."""
+    base = tmp_path_factory.mktemp("tls-cli")
+    out, work = base / "model", base / "study"
     cmd = [EVOCLONE, "train", "--data", str(trial_csv), "--site-column", "hospital", "--treatment", "arm",
            "--time", "days", "--event", "died", "--rounds", "2", "--epsilon", "2.0", "--batch-size", "16",
            "--out", str(out), "--work-dir", str(work), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
-    assert [s["name"] for s in summary["sites"]] == ["h1", "h2", "h3"]
-    fusion = summary["models"]["fusion"]
-    assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
-    # from round 2 on, every site's ClientApp was forked from its SuperNode's warm zygote
-    assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
-    for s in summary["sites"]:
-        assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
-        ledger = _ledger(work / "sites" / s["name"])  # one charge per round, same total
-        assert [c["round"] for c in ledger["charges"]] == [1, 2]
-        assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
-    # TLS and node authentication were on: every site has a key pair issued from the study PKI
-    assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
-    # the model directory works with the twins commands and records its lineage
-    manifest = json.loads((out / "manifest.json").read_text())["components"]["predictor"]
-    assert manifest["training"] == "federated_dp_fedavg" and {s["name"] for s in manifest["sites"]} == {"h1", "h2", "h3"}
-    assert manifest["columns"]["site_column"] == "hospital" and manifest["columns"]["covariates"] == ["age", "bmi", "sex"]
-    pred = subprocess.run([EVOCLONE, "twins", "predict", "--model", str(out), "--patients", str(trial_csv), "--json"],
-                          capture_output=True, text=True, timeout=300)
-    assert pred.returncode == 0, pred.stderr[-2000:]
-    assert len(json.loads(pred.stdout)["predictions"]) == 420
-    # no hospital identifier reached the coordinator or the model directory
-    for area in (work / "coordinator", out):
-        for f in area.rglob("*"):
-            if f.is_file():
-                assert b"MRN9" not in f.read_bytes(), f"{f} holds a raw patient id"
+    run = _Background(cmd, base)
+    yield run, out, work
+    run.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_tls_cli_train_first(request):
+    """When the TLS test is selected, its `evoclone train` process starts with this module's first test and
+    trains while the tests placed before the TLS test run (a federated run keeps about two thirds of one
+    core busy, waiting on polls and on its other processes the rest of the time); that test then checks
+    what the finished run printed and left, exactly as when it ran the command itself."""
+    if any(item.name == TLS_TEST and getattr(item, "module", None) is request.module for item in request.session.items):
+        request.getfixturevalue("tls_cli_train")
 
 
 def _prepared(trial_csv: Path, tmp_path: Path, **kw):
@@ -195,12 +229,6 @@ def test_bad_input_is_refused_before_anything_starts(trial_csv, tmp_path):
     store.charge(LedgerEntry(run_id="earlier", round=1, noise_multiplier=sigma * 1.0001, sample_rate=0.5, steps=10))
     before = store.summary()
     store.close()
-    r = subprocess.run([*base, "--data", str(trial_csv), "--batch-size", "16", "--out", str(tmp_path / "m"),
-                        "--work-dir", str(spent_dir)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "privacy budget" in r.stderr and "already spent" in r.stderr, r.stderr
-    store = SqlLedgerStore(url=parts[0].settings.db_url)
-    assert store.summary() == before  # nothing charged
-    store.close()
 
     # an expired SuperLink certificate in the study PKI (TLS mode)
     from datetime import datetime, timedelta, timezone
@@ -214,20 +242,96 @@ def test_bad_input_is_refused_before_anything_starts(trial_csv, tmp_path):
     key, cert = issue_server(ca_key, ca_pem, "superlink", dns=["localhost"], ips=["127.0.0.1"], days=1, now=past)
     for name, data in (("ca.key", ca_key), ("ca.pem", ca_pem), ("superlink.key", key), ("superlink.pem", cert)):
         (pki / name).write_bytes(data)
-    r = subprocess.run([EVOCLONE, "train", "--site-column", "hospital", "--treatment", "arm", "--time", "days",
-                        "--event", "died", "--data", str(trial_csv), "--out", str(tmp_path / "m"),
-                        "--work-dir", str(tmp_path / "expired")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "expired" in r.stderr, r.stderr
-    assert not (tmp_path / "expired" / "sites").exists()
 
-    for extra, message in cases:
-        work = tmp_path / f"w{len(message)}"
-        r = subprocess.run([*base, *extra, "--out", str(tmp_path / "m"), "--work-dir", str(work)],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        assert not (work / "sites").exists() or not any((work / "sites").rglob("site.db"))
-        assert not (tmp_path / "m").exists()
+    # the input cases whose whole stderr must be one line run as real `evoclone train` processes, side by side
+    # (each spends seconds importing before it refuses), while the spent budget and the expired certificate
+    # are refused by the same command in this process; every result is checked in turn
+    runs = _Concurrent()
+    try:
+        started = [(runs.start([*base, *extra, "--out", str(tmp_path / "m"), "--work-dir",
+                                str(tmp_path / f"w{len(message)}")]), message) for extra, message in cases]
+
+        r = _evoclone(*base[1:], "--data", str(trial_csv), "--batch-size", "16", "--out", str(tmp_path / "m"),
+                      "--work-dir", str(spent_dir))
+        assert r.returncode == 2 and "privacy budget" in r.stderr and "already spent" in r.stderr, r.stderr
+        store = SqlLedgerStore(url=parts[0].settings.db_url)
+        assert store.summary() == before  # nothing charged
+        store.close()
+
+        r = _evoclone("train", "--site-column", "hospital", "--treatment", "arm", "--time", "days", "--event", "died",
+                      "--data", str(trial_csv), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "expired"))
+        assert r.returncode == 2 and "expired" in r.stderr, r.stderr
+        assert not (tmp_path / "expired" / "sites").exists()
+
+        for proc, message in started:
+            work = tmp_path / f"w{len(message)}"
+            r = runs.result(proc)
+            assert r.returncode == 2, r.stderr
+            assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            assert not (work / "sites").exists() or not any((work / "sites").rglob("site.db"))
+            assert not (tmp_path / "m").exists()
+    finally:
+        runs.kill()
+
+
+def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
+    run, out, work = tls_cli_train
+    proc = run.result(timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert [s["name"] for s in summary["sites"]] == ["h1", "h2", "h3"]
+    fusion = summary["models"]["fusion"]
+    assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
+    # from round 2 on, every site's ClientApp was forked from its SuperNode's warm zygote
+    assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
+    for s in summary["sites"]:
+        assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
+        ledger = _ledger(work / "sites" / s["name"])  # one charge per round, same total
+        assert [c["round"] for c in ledger["charges"]] == [1, 2]
+        assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
+    # TLS and node authentication were on: every site has a key pair issued from the study PKI
+    assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
+    # the model directory works with the twins commands and records its lineage
+    manifest = json.loads((out / "manifest.json").read_text())["components"]["predictor"]
+    assert manifest["training"] == "federated_dp_fedavg" and {s["name"] for s in manifest["sites"]} == {"h1", "h2", "h3"}
+    assert manifest["columns"]["site_column"] == "hospital" and manifest["columns"]["covariates"] == ["age", "bmi", "sex"]
+    pred = _evoclone("twins", "predict", "--model", str(out), "--patients", str(trial_csv), "--json")
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert len(json.loads(pred.stdout)["predictions"]) == 420
+    # no hospital identifier reached the coordinator or the model directory
+    for area in (work / "coordinator", out):
+        for f in area.rglob("*"):
+            if f.is_file():
+                assert b"MRN9" not in f.read_bytes(), f"{f} holds a raw patient id"
+
+
+class _Concurrent:
+    """Subprocesses started together; `result` gives subprocess.run's CompletedProcess (same 120 s limit)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def result(self, proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+        self.procs.remove(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill(self) -> None:
+        """Stop and reap whatever was not collected (a check failed before its turn)."""
+        for proc in self.procs:
+            proc.kill()
+            proc.communicate()
+        self.procs.clear()
 
 
 def _kill_tree(group, name: str) -> None:
@@ -251,13 +355,42 @@ def _kill_tree(group, name: str) -> None:
     group.procs[name].wait(timeout=30)
 
 
-def test_supernode_and_superlink_killed_mid_run_charge_each_round_once(trial_csv, tmp_path):
+# Flower 1.42's SuperNode tells the SuperLink to expect a heartbeat every 30 s (and sends one every
+# 17.5-22.5 s); the SuperLink gives up on a silent node 2 x 30 s after its last heartbeat, so the message
+# a killed SuperNode had of the round under way fails (Node Unavailable) 38-60 s after the kill. Flower's
+# own floor for the interval is 10 s: SuperNodes started with this file on PYTHONPATH announce that (and
+# send heartbeats every 3.5-4.5 s), so the dead node is given up 16-20 s after the kill. Only the
+# node-liveness heartbeat of the guarded SuperNode process changes; the ClientApps' task heartbeats and
+# every other timer keep Flower's defaults, and round 2 still ends on the SuperLink's Node Unavailable.
+_NODE_HEARTBEAT_SITECUSTOMIZE = '''\
+import sys
+
+if "evoclone.site_node.flower_node" in getattr(sys, "orig_argv", ()):
+    import flwr.supercore.heartbeat
+    import flwr.supernode.fleet_http_connection
+
+    flwr.supernode.fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = 10  # announced to the SuperLink
+    flwr.supercore.heartbeat.HEARTBEAT_DEFAULT_INTERVAL = 10  # the sender's period: (10 - 5 s) x 0.7-0.9
+'''
+
+
+def _fast_node_heartbeat(monkeypatch, tmp_path: Path) -> None:
+    import os
+
+    d = tmp_path / "node-heartbeat"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(_NODE_HEARTBEAT_SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(d), os.environ.get("PYTHONPATH")])))
+
+
+def test_supernode_and_superlink_killed_mid_run_charge_each_round_once(trial_csv, tmp_path, monkeypatch):
     """A site's SuperNode dies in round 2 and comes back; the SuperLink dies after round 3 and is
     restarted: the run finishes, the site rejoins, and every ledger holds one charge per round trained."""
     from evoclone.cli.federation import Federation
     from evoclone.cli.train_jobs import run_config
     from evoclone.privacy.accounting import epsilon_of
 
+    _fast_node_heartbeat(monkeypatch, tmp_path)
     opts, parts, covariates = _prepared(trial_csv, tmp_path, rounds=4, min_sites=2)
     by_name = {p.name: p for p in parts}
     coord = tmp_path / "study" / "coordinator" / "run"
