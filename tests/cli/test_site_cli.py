@@ -116,3 +116,28 @@ def test_site_approve_revoke_and_app_hash(tmp_path):
     assert doc["approved"] == [] and [d["action"] for d in doc["decisions"]] == ["approve", "revoke"]
     r = runner.invoke(app, ["site", "node", "--site-dir", str(site), "--superlink", "127.0.0.1:1"])
     assert r.exit_code == 2 and "--ca and --node-key" in r.stderr
+
+
+def test_site_migrate_backs_up_then_reports_the_revision_and_version_flag(tmp_path):
+    import sqlite3
+
+    site = tmp_path / "site"
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "s1"]).exit_code == 0
+    assert runner.invoke(app, ["site", "stats", "--site-dir", str(site), "--json"]).exit_code == 0  # creates site.db
+    backup = tmp_path / "backups" / "site-0.1.0.db"
+    r = runner.invoke(app, ["site", "migrate", "--site-dir", str(site), "--backup", str(backup), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["to"] and doc["from"] == doc["to"] and doc["changed"] is False and doc["backup"] == str(backup)
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    with sqlite3.connect(backup) as db:  # a complete copy: the same schema revision as the live database
+        assert db.execute("select version_num from alembic_version").fetchone()[0] == doc["to"]
+
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(fresh), "--name", "s2"]).exit_code == 0
+    r = runner.invoke(app, ["site", "migrate", "--site-dir", str(fresh), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["from"] is None and doc["to"] and doc["changed"] is True
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("evoclone ")
