@@ -75,7 +75,7 @@ def bench_deploy(base: Path, wheel: Path) -> dict:
     link.register_node(tls / "bench.node.pub", name="bench")
     inventory = write_inventory(base / "hosts.yml", {"bench": target.host_vars(pki, link.address)})
     good, broken = build_wheel(base / "v1", version="0.1.1"), build_wheel(base / "v2", version="0.1.2", patch={
-        "cli/site.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
+        "cli/site_service.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
                         '    raise SystemExit("this build cannot serve")\n    settings = _settings(site_dir)\n'
                         '    if settings.tls_enabled and not')})
     phases = {}

@@ -32,13 +32,14 @@ def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 def build_wheel(out: Path, *, version: str | None = None, patch: dict[str, tuple[str, str]] | None = None) -> Path:
-    """The project's wheel; with `version`/`patch`, from a copy of the tree with that version and those edits."""
+    """The project's wheel; with `version`/`patch`, from a copy of the tree (tracked files) with that version
+    and those edits."""
     src = REPO
     if version or patch:
         src = out / "src"
-        files = run("git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard").stdout.split()
+        files = run("git", "-C", str(REPO), "ls-files").stdout.split()
         for f in files:
-            if (REPO / f).is_file():
+            if (REPO / f).is_file() and not f.startswith(("tests/", "docs/", "benchmarks/")):
                 (src / f).parent.mkdir(parents=True, exist_ok=True)
                 (src / f).write_bytes((REPO / f).read_bytes())
         if version:

@@ -131,10 +131,10 @@ def test_upgrade_keeps_data_and_a_broken_upgrade_rolls_back(site):
     assert hashlib.sha256((t.site_dir / "secret.key").read_bytes()).hexdigest() == key and _users(t) == users
 
     broken = build_wheel(site["base"] / "v2", version="0.1.2", patch={
-        "cli/site.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
+        "cli/site_service.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
                         '    raise SystemExit("this build cannot serve")\n    settings = _settings(site_dir)\n'
                         '    if settings.tls_enabled and not')})
-    r, doc = deploy(site["inventory"], "-e", "evoclone_site_health_timeout=20", wheel=broken)
+    r, doc = deploy(site["inventory"], "-e", "evoclone_site_health_timeout=14", wheel=broken)
     assert r.returncode == 1 and doc["failed_hosts"] == ["site-a"]
     message = doc["errors"][-1]["message"]
     assert "EvoClone 0.1.2 did not come up" in message and "rolled back to 0.1.1" in message, message
@@ -143,9 +143,8 @@ def test_upgrade_keeps_data_and_a_broken_upgrade_rolls_back(site):
     assert "error:" in r.stderr and "site-a" in r.stderr
 
 
-def test_bad_hosts_stop_every_host_before_any_change(tmp_path):
-    pki = tmp_path / "pki"
-    make_pki(pki)
+def test_bad_hosts_stop_every_host_before_any_change(site, tmp_path):
+    pki, wheel = site["pki"], site["wheel"]
     hosts, targets = {}, {}
     for name in ("site-b", "site-c", "site-d", "site-e"):
         t = Target(name, tmp_path / name, free_port(), free_port())
@@ -161,7 +160,6 @@ def test_bad_hosts_stop_every_host_before_any_change(tmp_path):
         r, doc = deploy(inventory, wheel=Path("/nonexistent/evoclone-0.1.0-py3-none-any.whl"))
     assert r.returncode == 2 and "wheel /nonexistent" in r.stderr  # checked before Ansible starts
 
-    wheel = build_wheel(tmp_path / "w")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", targets["site-b"].api_port))
         busy.listen()
