@@ -22,8 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.deploy.target import (FIND_LINKS, REPO, Target, build_wheel, deploy, free_port,  # noqa: E402
-                                 make_pki, write_inventory)
+from tests.deploy.target import BROKEN_SERVE, FIND_LINKS, REPO, build_wheel, deploy, start_study  # noqa: E402
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> float:
@@ -59,25 +58,10 @@ def bench_venv(base: Path, wheel: Path, skip_pip: bool) -> dict:
 
 
 def bench_deploy(base: Path, wheel: Path) -> dict:
-    from evoclone.coordinator.superlink import LinkSecurity, SuperLink
-    from evoclone.federated.flower.runtime import ProcessGroup
-
-    pki = base / "pki"
-    make_pki(pki)
-    target = Target("bench", base / "bench", free_port(), free_port())
-    tls = target.prefix / "etc" / "evoclone" / "tls"
-    subprocess.run([str(Path(sys.executable).parent / "evoclone"), "pki", "issue", "node", "bench", "--dir", str(tls)],
-                   check=True, capture_output=True)
-    group = ProcessGroup(base / "link-logs")
-    link = SuperLink(flower_dir=base / "link", port=free_port(), group=group,
-                     security=LinkSecurity(ca_cert=pki / "ca.pem", cert=pki / "superlink.pem", key=pki / "superlink.key"))
-    link.start()
-    link.register_node(tls / "bench.node.pub", name="bench")
-    inventory = write_inventory(base / "hosts.yml", {"bench": target.host_vars(pki, link.address)})
-    good, broken = build_wheel(base / "v1", version="0.1.1"), build_wheel(base / "v2", version="0.1.2", patch={
-        "cli/site_service.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
-                        '    raise SystemExit("this build cannot serve")\n    settings = _settings(site_dir)\n'
-                        '    if settings.tls_enabled and not')})
+    study = start_study(base, "bench")
+    inventory = study.inventory
+    good = build_wheel(base / "v1", version="0.1.1")
+    broken = build_wheel(base / "v2", version="0.1.2", patch=BROKEN_SERVE)
     phases = {}
     try:
         for name, args, whl, want in (("first_install_s", (), wheel, 0), ("rerun_no_changes_s", (), wheel, 0),
@@ -91,8 +75,7 @@ def bench_deploy(base: Path, wheel: Path) -> dict:
                 raise SystemExit(f"{name}: exit {r.returncode}, expected {want}: {doc.get('errors')}")
             phases[name.replace("_s", "_changed")] = doc["hosts"]["bench"]["changed"]
     finally:
-        target.stop()
-        group.stop()
+        study.stop()
     return phases
 
 

@@ -138,4 +138,45 @@ def deploy(inventory: Path, *extra: str, wheel: Path | None = None) -> tuple[sub
     return r, doc
 
 
-__all__ = ["Target", "build_wheel", "deploy", "free_port", "make_pki", "write_inventory"]
+# a release whose site API exits at start: its health check fails and the upgrade is rolled back
+BROKEN_SERVE = {"cli/site_service.py": (
+    '    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
+    '    raise SystemExit("this build cannot serve")\n    settings = _settings(site_dir)\n    if settings.tls_enabled and not')}
+
+
+@dataclass
+class Study:
+    """A study PKI, a TLS SuperLink with node authentication, and one target whose SuperNode key (made
+    beforehand, which the role keeps) is registered there; `inventory` deploys that target."""
+
+    pki: Path
+    target: Target
+    link: object
+    group: object
+    node_id: str | None
+    inventory: Path
+
+    def stop(self) -> None:
+        self.target.stop()
+        self.group.stop()
+
+
+def start_study(base: Path, name: str) -> Study:
+    from evoclone.coordinator.superlink import LinkSecurity, SuperLink
+    from evoclone.federated.flower.runtime import ProcessGroup
+
+    pki = base / "pki"
+    make_pki(pki)
+    target = Target(name, base / name, free_port(), free_port())
+    tls_dir = target.prefix / "etc" / "evoclone" / "tls"
+    run(EVOCLONE, "pki", "issue", "node", name, "--dir", str(tls_dir))
+    group = ProcessGroup(base / "link-logs")
+    link = SuperLink(flower_dir=base / "link", port=free_port(), group=group,
+                     security=LinkSecurity(ca_cert=pki / "ca.pem", cert=pki / "superlink.pem", key=pki / "superlink.key"))
+    link.start()
+    node_id = link.register_node_id(tls_dir / f"{name}.node.pub", name=name)
+    inventory = write_inventory(base / "hosts.yml", {name: target.host_vars(pki, link.address)})
+    return Study(pki=pki, target=target, link=link, group=group, node_id=node_id, inventory=inventory)
+
+
+__all__ = ["BROKEN_SERVE", "Study", "start_study", "Target", "build_wheel", "deploy", "free_port", "make_pki", "write_inventory"]

@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from evoclone.coordinator.superlink import LinkSecurity, SuperLink
-from evoclone.federated.flower.runtime import ProcessGroup
-
-from .target import EVOCLONE, Target, build_wheel, deploy, free_port, make_pki, write_inventory
+from .target import BROKEN_SERVE, EVOCLONE, Target, build_wheel, deploy, free_port, start_study, write_inventory
 
 pytestmark = pytest.mark.slow
 
@@ -43,25 +40,13 @@ def _wait(cond, what: str, timeout: float = 60) -> None:
 def site(tmp_path_factory):
     """A SuperLink (TLS, node authentication) and one target whose SuperNode key is registered there."""
     base = tmp_path_factory.mktemp("deploy")
-    pki = base / "pki"
-    make_pki(pki)
-    target = Target("site-a", base / "site-a", free_port(), free_port())
-    tls_dir = target.prefix / "etc" / "evoclone" / "tls"  # the role keeps an existing node key
-    subprocess.run([EVOCLONE, "pki", "issue", "node", "site-a", "--dir", str(tls_dir)], check=True,
-                   capture_output=True)
-    group = ProcessGroup(base / "link-logs")
-    link = SuperLink(flower_dir=base / "link", port=free_port(), group=group,
-                     security=LinkSecurity(ca_cert=pki / "ca.pem", cert=pki / "superlink.pem", key=pki / "superlink.key"))
-    link.start()
-    node_id = link.register_node_id(tls_dir / "site-a.node.pub", name="site-a")
-    inventory = write_inventory(base / "hosts.yml", {"site-a": target.host_vars(pki, link.address)})
+    study = start_study(base, "site-a")
     wheel = build_wheel(base / "v0")
     try:
-        yield {"base": base, "pki": pki, "target": target, "link": link, "inventory": inventory, "wheel": wheel,
-               "node_id": node_id}
+        yield {"base": base, "pki": study.pki, "target": study.target, "link": study.link,
+               "inventory": study.inventory, "wheel": wheel, "node_id": study.node_id}
     finally:
-        target.stop()
-        group.stop()
+        study.stop()
 
 
 def test_converges_twice_with_zero_changes_then_serves_tls_health_and_connects(site):
@@ -130,10 +115,7 @@ def test_upgrade_keeps_data_and_a_broken_upgrade_rolls_back(site):
     assert t.pid("evoclone-site-api") != old_pid and _health(t, site["pki"] / "ca.pem") == 200
     assert hashlib.sha256((t.site_dir / "secret.key").read_bytes()).hexdigest() == key and _users(t) == users
 
-    broken = build_wheel(site["base"] / "v2", version="0.1.2", patch={
-        "cli/site_service.py": ('    settings = _settings(site_dir)\n    if settings.tls_enabled and not',
-                        '    raise SystemExit("this build cannot serve")\n    settings = _settings(site_dir)\n'
-                        '    if settings.tls_enabled and not')})
+    broken = build_wheel(site["base"] / "v2", version="0.1.2", patch=BROKEN_SERVE)
     r, doc = deploy(site["inventory"], "-e", "evoclone_site_health_timeout=14", wheel=broken)
     assert r.returncode == 1 and doc["failed_hosts"] == ["site-a"]
     message = doc["errors"][-1]["message"]
