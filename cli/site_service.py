@@ -53,7 +53,9 @@ def migrate(site_dir: SiteDir,
     Example: evoclone site migrate --site-dir /srv/evoclone/site --backup /opt/evoclone/backups/site-0.1.0.db
     """
     from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.keyring import load_keyring
     from evoclone.site_node.migrate import backup_sqlite, current, upgrade
+    from evoclone.site_node.review import seal_legacy_reviews
 
     from .main import err, fail
 
@@ -66,12 +68,14 @@ def migrate(site_dir: SiteDir,
                 raise fail("--backup copies a SQLite database; back a PostgreSQL site database up with pg_dump", 2)
             backup_sqlite(engine, backup)
         upgrade(engine)
+        sealed = seal_legacy_reviews(engine=engine, keyring=load_keyring(settings.site_dir))
         after = current(engine)
     except OSError as exc:
         raise fail(f"cannot migrate {site_dir}: {exc}", 1) from None
     finally:
         engine.dispose()
-    doc = {"from": before, "to": after, "changed": before != after, "backup": str(backup) if backup else None}
+    doc = {"from": before, "to": after, "changed": before != after, "backup": str(backup) if backup else None,
+           "twins_sealed": sealed}
     if as_json:
         typer.echo(json.dumps(doc))
     else:

@@ -104,15 +104,21 @@ def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
 
 
 def export_snapshot(*, site_dir: Path, out: Path | None = None) -> Path:
-    """Write every stored (anonymized) record into the training snapshot the ClientApp reads."""
+    """Write every stored (anonymized) record into the training snapshot the ClientApp reads, and the clinicians'
+    verdicts on twins into the feedback file beside it (federated.feedback)."""
+    from evoclone.federated.feedback import feedback_path
+
+    from .review import write_feedback
+
     settings = get_settings(site_dir)
     store = open_store(settings)
     try:
         records = store.records()
+        if not records:
+            raise ValueError(f"site {settings.name} has no patients; ingest an extract first")
+        path = out or settings.snapshot_path
+        write_snapshot(path, records, site=settings.name)
+        write_feedback(engine=store.engine, keyring=store.keyring, path=feedback_path(path))
     finally:
         store.close()
-    if not records:
-        raise ValueError(f"site {settings.name} has no patients; ingest an extract first")
-    path = out or settings.snapshot_path
-    write_snapshot(path, records, site=settings.name)
     return path

@@ -12,10 +12,15 @@ A rejection's reason becomes a regeneration constraint (federated.grammar.Constr
 | implausible_trajectory | both of the above |
 | wrong_dose_or_timing, other | no token ban (timing and dose are not tokens of this vocabulary): a fresh sample |
 
-Feedback: `export_feedback(run_id=...)` writes the reviewed twins not yet used into
-`feedback/<run_id>.jsonl` next to the training snapshot (label +1 approved: synthetic
-augmentation for the generator; label -1 rejected: excluded patterns, with the reason) and
-stamps each row's `used_in` with the run, so the site sees which round used which verdicts.
+Twins are encrypted at rest like patient records: each queued batch gets a data key (wrapped by
+the site's master key in `data_key`) and each twin is sealed with AES-256-GCM bound to its
+pseudonym. `open_twins` opens them for the API and for the feedback export.
+
+Feedback: `write_feedback` writes every verdict next to the training snapshot (`feedback.jsonl`,
+mode 0600; `evoclone site export-snapshot` and `POST /api/v1/reviews/feedback/export` call it).
+The generator's ClientApp trains on approved twins as augmentation and holds rejected ones out
+(federated.feedback), and records per round which verdicts it used in `feedback_use`;
+`feedback_usage` reads that back, so the site sees which round used which verdicts.
 """
 
 from __future__ import annotations
@@ -28,33 +33,95 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, func, select
 
+from evoclone.federated.feedback import Verdict, verdict, write_feedback as write_verdicts
 from evoclone.federated.grammar import Constraints
 from evoclone.federated.record import PatientRecord
+from evoclone.federated.stores.feedback import FeedbackUseStore
+from evoclone.privacy.envelope import WrappedKey, new_key, open_sealed, seal, unwrap, wrap
 from evoclone.privacy.scrub import scrub
 
 from .access_log import AccessEntryCreate, append_access
 from .errors import Conflict, InvalidInput, NotFound
-from .review_models import RejectReason, ReviewStatus, TwinReview, TwinReviewCreate
+from .keyring import Keyring
+from .review_models import RejectReason, ReviewStatus, TwinReview, TwinReviewCreate, TwinReviewPublic, public
+from .store import DataKeyRow
 
 UNKNOWN_REVIEW = "no twin review with that id at this site; list the queue with GET /api/v1/reviews"
 HISTORY_SD = 2.0  # a reviewer's "contradicts history" tightens the gate's 4 SD consistency check to this
-RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+CONTEXT = b"twin_review\x1f"  # sealed twins are bound to this purpose and their pseudonym
 
 
 def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
 
 
-def queue_twins(*, session: Session, items: list[TwinReviewCreate], now: datetime | None = None) -> list[TwinReview]:
-    """Add twins to the queue as pending reviews in the caller's transaction."""
+def _data_key(session: Session, keyring: Keyring) -> tuple[int, bytes]:
+    """A fresh data key, stored wrapped by the site's active master key: (its row id, the key)."""
+    key = new_key()
+    w = wrap(key, master_key=keyring.active_key, master_id=keyring.active)
+    row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
+    session.add(row)
+    session.flush()
+    return int(row.id), key
+
+
+def _seal(twin: dict[str, Any], *, pseudonym: str, data_key: bytes) -> bytes:
+    return seal(json.dumps(twin).encode(), data_key=data_key, context=CONTEXT + pseudonym.encode())
+
+
+def queue_twins(*, session: Session, items: list[TwinReviewCreate], keyring: Keyring,
+                now: datetime | None = None) -> list[TwinReview]:
+    """Add twins to the queue as pending reviews, sealed under one new data key, in the caller's transaction."""
+    if not items:
+        return []
+    key_id, data_key = _data_key(session, keyring)
     rows = []
     for item in items:
-        row = TwinReview(**item.model_dump(exclude={"events", "outcome"}), created_at=_now(now),
-                         twin_json=json.dumps({"events": item.events, "outcome": item.outcome}))
+        row = TwinReview(**item.model_dump(exclude={"events", "outcome"}), created_at=_now(now), data_key_id=key_id,
+                         twin_sealed=_seal({"events": item.events, "outcome": item.outcome},
+                                           pseudonym=item.pseudonym, data_key=data_key))
         session.add(row)
         rows.append(row)
     session.flush()
     return rows
+
+
+def open_twins(*, session: Session, rows: list[TwinReview], keyring: Keyring) -> dict[int, dict[str, Any]]:
+    """{review id: {"events": [...], "outcome": {...}}}, decrypted and authenticated (TamperedError otherwise)."""
+    keys: dict[int, bytes] = {}
+    out = {}
+    for row in rows:
+        if row.twin_sealed is None:  # written before encryption, not sealed yet (seal_legacy_reviews)
+            out[row.id] = json.loads(row.twin_json)
+            continue
+        if row.data_key_id not in keys:
+            k = session.get(DataKeyRow, row.data_key_id)
+            keys[row.data_key_id] = unwrap(WrappedKey(k.master_id, k.nonce, k.wrapped),
+                                           master_key=keyring.keys[k.master_id])
+        out[row.id] = json.loads(open_sealed(row.twin_sealed, data_key=keys[row.data_key_id],
+                                             context=CONTEXT + row.pseudonym.encode()))
+    return out
+
+
+def views(*, session: Session, rows: list[TwinReview], keyring: Keyring) -> list[TwinReviewPublic]:
+    """The API views of review rows, their twins opened."""
+    twins = open_twins(session=session, rows=rows, keyring=keyring)
+    return [public(r, twins[r.id]) for r in rows]
+
+
+def seal_legacy_reviews(*, engine: sa.Engine, keyring: Keyring) -> int:
+    """Seal twins stored in plaintext before encryption at rest (migration 0004) and clear the plaintext."""
+    with Session(engine) as session:
+        rows = session.exec(select(TwinReview).where(TwinReview.twin_sealed.is_(None))).all()
+        if not rows:
+            return 0
+        key_id, data_key = _data_key(session, keyring)
+        for row in rows:
+            row.twin_sealed = _seal(json.loads(row.twin_json), pseudonym=row.pseudonym, data_key=data_key)
+            row.data_key_id, row.twin_json = key_id, None
+            session.add(row)
+        session.commit()
+        return len(rows)
 
 
 def list_reviews(*, session: Session, status: ReviewStatus | None = ReviewStatus.pending, study: str | None = None,
@@ -150,15 +217,15 @@ def reason_constraints(*, reason: RejectReason, tok: Any, patient: PatientRecord
     return Constraints(frozenset(banned), frozenset(first))
 
 
-def queue_regenerated(*, engine: sa.Engine, parent: TwinReview, twin: dict[str, Any], model_version: str,
-                      actor: str, role: str, reason: str, request_id: str = "",
+def queue_regenerated(*, engine: sa.Engine, keyring: Keyring, parent: TwinReview, twin: dict[str, Any],
+                      model_version: str, actor: str, role: str, reason: str, request_id: str = "",
                       now: datetime | None = None) -> TwinReview:
     """Queue the twin regenerated after a rejection, with its access-log entry, in one transaction."""
     item = TwinReviewCreate(study=parent.study, pseudonym=parent.pseudonym, model_version=model_version,
                             arm=parent.arm, quality=twin["quality"], copy_index=parent.copy_index,
                             events=twin["events"], outcome=twin["outcome"], parent_id=parent.id)
     with Session(engine, expire_on_commit=False) as session:
-        (row,) = queue_twins(session=session, items=[item], now=now)
+        (row,) = queue_twins(session=session, items=[item], keyring=keyring, now=now)
         append_access(session=session, at=_now(now), data=AccessEntryCreate(
             actor=actor, role=role, action="twin.regenerate", pseudonym=parent.pseudonym, reason=reason,
             request_id=request_id))
@@ -166,47 +233,22 @@ def queue_regenerated(*, engine: sa.Engine, parent: TwinReview, twin: dict[str, 
         return row
 
 
-def export_feedback(*, engine: sa.Engine, site_dir: Path, run_id: str, now: datetime | None = None
-                    ) -> dict[str, Any]:
-    """Write the verdicts no run has used yet to feedback/<run_id>.jsonl and mark them used by `run_id`."""
-    import re
-
-    if not re.match(RUN_PATTERN, run_id):
-        raise InvalidInput("run_id must be a plain name (letters, digits, _ . : -), at most 64 characters")
-    out = Path(site_dir) / "feedback" / f"{run_id}.jsonl"
-    with Session(engine, expire_on_commit=False) as session:
-        if session.exec(select(TwinReview.id).where(TwinReview.used_in == run_id).limit(1)).first() is not None:
-            raise Conflict(f"feedback was already exported for run {run_id}; each run takes the verdicts once")
-        rows = session.exec(select(TwinReview).where(TwinReview.used_in.is_(None),
-                                                     TwinReview.status != ReviewStatus.pending.value)
-                            .order_by(TwinReview.id)).all()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".partial")
-        with tmp.open("w") as f:
-            for r in rows:
-                twin = json.loads(r.twin_json)
-                f.write(json.dumps({"review_id": r.id, "label": 1 if r.status == ReviewStatus.approved.value else -1,
-                                    "reason": r.reason, "pseudonym": r.pseudonym, "arm": r.arm,
-                                    "model_version": r.model_version, "quality": r.quality, **twin}) + "\n")
-        when = _now(now)
-        for r in rows:
-            r.used_in, r.used_at = run_id, when
-            session.add(r)
-        tmp.rename(out)  # the file exists only if the rows are marked: a failed commit removes it below
-        try:
-            session.commit()
-        except Exception:
-            out.unlink(missing_ok=True)
-            raise
-    approved = sum(r.status == ReviewStatus.approved.value for r in rows)
-    return {"run_id": run_id, "path": str(out), "approved": approved, "rejected": len(rows) - approved}
+def write_feedback(*, engine: sa.Engine, keyring: Keyring, path: Path) -> dict[str, Any]:
+    """Write every verdict to the feedback file the ClientApp reads (federated.feedback); returns the counts."""
+    with Session(engine) as session:
+        rows = list(session.exec(select(TwinReview).where(TwinReview.status != ReviewStatus.pending.value)
+                                 .order_by(TwinReview.id)).all())
+        twins = open_twins(session=session, rows=rows, keyring=keyring)
+    verdicts: list[Verdict] = [
+        verdict(review_id=r.id, label=1 if r.status == ReviewStatus.approved.value else -1, pseudonym=r.pseudonym,
+                arm=r.arm, events=twins[r.id]["events"], outcome=twins[r.id]["outcome"], reason=r.reason)
+        for r in rows]
+    write_verdicts(Path(path), verdicts)
+    approved = sum(v.label > 0 for v in verdicts)
+    return {"approved": approved, "rejected": len(verdicts) - approved}
 
 
-def feedback_usage(*, session: Session) -> list[dict[str, Any]]:
-    """Per training run: how many approved and rejected twins it used (unused verdicts under run None)."""
-    q = (select(TwinReview.used_in, TwinReview.status, func.count())
-         .where(TwinReview.status != ReviewStatus.pending.value).group_by(TwinReview.used_in, TwinReview.status))
-    usage: dict[str | None, dict[str, Any]] = {}
-    for run, status, n in session.exec(q).all():
-        usage.setdefault(run, {"run_id": run, "approved": 0, "rejected": 0})[status] = int(n)
-    return sorted(usage.values(), key=lambda u: (u["run_id"] is None, u["run_id"] or ""))
+def feedback_usage(*, engine: sa.Engine) -> list[dict[str, Any]]:
+    """Per training run and round: the approved twins it trained on and the rejected ones it held out (ids)."""
+    store = FeedbackUseStore(engine=engine)
+    return [{**u, "approved_count": len(u["approved"]), "rejected_count": len(u["rejected"])} for u in store.usage()]

@@ -51,12 +51,19 @@ class TwinReviewCreate(TwinReviewBase):
 
 
 class TwinReview(TwinReviewBase, table=True):
-    """One queued twin and its verdict; `used_in` names the training run whose snapshot took it as feedback."""
+    """One queued twin and its verdict; the twin itself (events and outcome) is sealed with a data key.
+
+    `twin_sealed` is AES-256-GCM of {"events": [...], "outcome": {...}} under the batch's data
+    key (`data_key`, wrapped by the site's master key), bound to the pseudonym; `twin_json` is
+    only set on rows from before encryption until the store seals them (review.seal_legacy_reviews).
+    """
 
     __tablename__ = "twin_review"
 
     id: int | None = Field(default=None, primary_key=True)
-    twin_json: str = Field(sa_column=Column(sa.Text, nullable=False))  # {"events": [...], "outcome": {...}}
+    data_key_id: int | None = Field(default=None, foreign_key="data_key.id")
+    twin_sealed: bytes | None = Field(default=None, sa_column=Column(sa.LargeBinary, nullable=True))
+    twin_json: str | None = Field(default=None, sa_column=Column(sa.Text, nullable=True))  # legacy plaintext
     status: str = Field(default=ReviewStatus.pending.value, max_length=16, index=True)
     reason: str | None = Field(default=None, max_length=32)
     note: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))  # scrubbed
@@ -65,8 +72,6 @@ class TwinReview(TwinReviewBase, table=True):
     reviewed_at: datetime | None = Field(default=None, sa_column=Column(sa.DateTime(timezone=True), nullable=True))
     parent_id: int | None = Field(default=None, foreign_key="twin_review.id")
     created_at: datetime = Field(sa_column=Column(sa.DateTime(timezone=True), nullable=False))
-    used_in: str | None = Field(default=None, max_length=64, index=True)
-    used_at: datetime | None = Field(default=None, sa_column=Column(sa.DateTime(timezone=True), nullable=True))
 
 
 class AnnotationPublic(BaseModel):
@@ -91,7 +96,6 @@ class TwinReviewPublic(TwinReviewBase):
     reviewed_at: datetime | None
     parent_id: int | None
     created_at: datetime
-    used_in: str | None
 
 
 class ReviewQueuePublic(BaseModel):
@@ -123,13 +127,12 @@ class DecisionPublic(BaseModel):
     regeneration: str | None = None  # why none was queued (no model, the gate refused every try)
 
 
-def public(row: TwinReview) -> TwinReviewPublic:
-    """The API view of a review row."""
-    twin = json.loads(row.twin_json)
+def public(row: TwinReview, twin: dict[str, Any]) -> TwinReviewPublic:
+    """The API view of a review row and its opened twin (review.open_twins)."""
     return TwinReviewPublic(id=row.id, study=row.study, pseudonym=row.pseudonym, model_version=row.model_version,
                             arm=row.arm, quality=row.quality, copy_index=row.copy_index,
                             status=ReviewStatus(row.status), events=twin["events"], outcome=twin["outcome"],
                             reason=row.reason, note=row.note,
                             annotations=[AnnotationPublic(**a) for a in json.loads(row.annotations)],
                             reviewer=row.reviewer, reviewed_at=row.reviewed_at, parent_id=row.parent_id,
-                            created_at=row.created_at, used_in=row.used_in)
+                            created_at=row.created_at)

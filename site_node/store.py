@@ -87,6 +87,9 @@ class SiteStore:
         from .migrate import upgrade
 
         upgrade(self.engine)  # Alembic: the same migrations on SQLite and PostgreSQL
+        from .review import seal_legacy_reviews
+
+        seal_legacy_reviews(engine=self.engine, keyring=keyring)  # twins stored before encryption (0004)
 
     def _mac(self, payload: bytes) -> str:
         return hmac.new(self._mac_key, b"record\x1f" + payload, hashlib.sha256).hexdigest()

@@ -41,10 +41,14 @@ class NodeSecurity:
 
 def write_node_config(settings: SiteSettings, *, snapshot: Path | None = None) -> Path:
     """Write the node config (TOML) the ClientApp reads; returns its path."""
+    from evoclone.federated.feedback import feedback_path
+
     path = (settings.site_dir / "node-config.toml").absolute()
+    snapshot = (snapshot or settings.snapshot_path).resolve()
     text = tomli_w.dumps({
         "site-name": settings.name,
-        "snapshot": str((snapshot or settings.snapshot_path).resolve()),
+        "snapshot": str(snapshot),
+        "feedback": str(feedback_path(snapshot)),  # the clinicians' verdicts the generator trains with
         "ledger": settings.db_url,  # the ledger lives in the site's transactional store
         "epsilon-budget": settings.epsilon_budget,
         "delta": settings.delta,

@@ -38,6 +38,7 @@ def _secure_aggregation_or_plain(msg: Message, ctxt: Context, call_next):
 
 
 app = ClientApp(mods=[_secure_aggregation_or_plain])
+ENCODING_VERSION = 2  # part of the kept encoding's key: bump when a task's encode() output changes
 
 
 def _records(node: dict):
@@ -57,8 +58,9 @@ def _encoded(task, node: dict, vocab: dict) -> dict:
     import pickle
 
     st = node["snapshot"].stat()
-    key = hashlib.sha256(json.dumps([str(node["snapshot"]), st.st_size, st.st_mtime_ns, st.st_ino, task.name,
-                                     getattr(task, "endpoint", ""), vocab], sort_keys=True).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([ENCODING_VERSION, str(node["snapshot"]), st.st_size, st.st_mtime_ns, st.st_ino,
+                                     task.name, getattr(task, "endpoint", ""), vocab],
+                                    sort_keys=True).encode()).hexdigest()[:32]
     cache_dir = node["state_dir"] / "flower-encoded"
     path = cache_dir / f"{key}.pkl"
     if path.is_file():
@@ -236,6 +238,7 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
         except ValueError as exc:
             cache.drop()
             return RoundResult(False, ledger, reason=str(exc))
+        _record_feedback(node, key, server_round, meta.get("feedback"))
         return RoundResult(True, ledger, state, meta["metrics"])
 
     task = task_for(rc)
@@ -264,6 +267,21 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     # validating the incoming global model here spares a separate evaluate message (and a
     # ClientApp start) in every round but the last
     validation = task.validate(vocab, incoming, data)
+    feedback = None
+    if task.name == "gpt":  # clinicians' verdicts on twins: approved ones swapped in, rejected held out
+        from ..feedback import read_feedback
+
+        try:
+            verdicts = read_feedback(node["feedback"])
+        except ValueError:
+            return RoundResult(False, ledger, reason="the site's feedback file is damaged; export it again with "
+                                                     "`evoclone site export-snapshot`")
+        mixed = task.with_feedback(vocab, data, verdicts, lambda: _records(node),
+                                   rate=float(rc.get("feedback-mix", 0.5)), seed=tcfg.seed)
+        if mixed is not None:
+            data = {**data, "train": mixed.train}
+            feedback = {"used": sorted({v.review_id for v in mixed.used}),
+                        "held_out": sorted({v.review_id for v in mixed.held_out})}
     t0 = time.perf_counter()
     state, results = task.train(vocab, incoming, data, tcfg, dp_settings(rc, noise_multiplier=sigma))
     train_seconds = time.perf_counter() - t0
@@ -272,14 +290,28 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     metrics = {"num-examples": n, "train_loss": loss, "noise-multiplier": sigma, "steps": steps,
                "train-seconds": train_seconds, **validation}
     charge = {"noise_multiplier": sigma, "sample_rate": results[0].sample_rate, "steps": steps}
-    cache.save(state, {"metrics": metrics, "charge": charge})
+    cache.save(state, {"metrics": metrics, "charge": charge, "feedback": feedback})
     try:  # one transaction: checked against the stored charges, written once per (run, round)
         metrics["epsilon"] = store.charge(LedgerEntry(run_id=key, round=server_round, **charge))
     except ValueError as exc:
         cache.drop()
         return RoundResult(False, store.open(epsilon_budget=node["budget"], delta=node["delta"],
                                              accountant=ledger.accountant), reason=str(exc))
+    _record_feedback(node, key, server_round, feedback)
     return RoundResult(True, ledger, state, metrics)
+
+
+def _record_feedback(node: dict, key: str, server_round: int, feedback: dict | None) -> None:
+    """Record in the site's database which verdicts this round trained on and held out (once per round)."""
+    if not feedback:
+        return
+    from ..stores.feedback import FeedbackUseStore
+
+    uses = FeedbackUseStore(url=node["ledger"])
+    try:
+        uses.record(run_id=key, round=server_round, used=feedback["used"], held_out=feedback["held_out"])
+    finally:
+        uses.close()
 
 
 def _reply(msg: Message, node: dict, state: dict[str, torch.Tensor], metrics: dict, ledger) -> Message:

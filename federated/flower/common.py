@@ -8,6 +8,8 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from ..feedback import feedback_path
+
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
 NODE_KEYS = ("site-name", "snapshot", "ledger", "epsilon-budget", "delta")
@@ -40,4 +42,5 @@ def node_settings(context: Context) -> dict:
     snapshot = Path(str(nc["snapshot"]))
     return {"site": str(nc["site-name"]), "snapshot": snapshot, "ledger": str(nc["ledger"]),
             "budget": float(nc["epsilon-budget"]), "delta": float(nc["delta"]),
-            "state_dir": Path(str(nc.get("state-dir", snapshot.parent)))}
+            "state_dir": Path(str(nc.get("state-dir", snapshot.parent))),
+            "feedback": Path(str(nc["feedback"])) if nc.get("feedback") else feedback_path(snapshot)}

@@ -9,7 +9,7 @@ validate, and save the model directory component. Every tunable comes from the r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -186,7 +186,34 @@ class GeneratorTask:
             for name in ("train", "val"):
                 recs = [records[i] for i in split[name] if records[i].arm is not None]
                 out[name] = encode_records(tok, recs)[0]
+                if name == "train":  # which patient each row is: clinician feedback is per patient
+                    out["train_ids"] = [r.patient_id for r in recs]
         return out
+
+    def with_feedback(self, vocab: dict, data: dict, verdicts: list, records: Callable[[], list[PatientRecord]], *,
+                      rate: float, seed: int):
+        """This round's training rows with approved twins swapped in (federated.feedback.mix), or None when no
+        verdict concerns a training patient."""
+        import warnings
+
+        from ..feedback import mix, twin_record
+        from ..generator_training import encode_records
+
+        train_ids = set(data["train_ids"])
+        mine = [v for v in verdicts if v.pseudonym in train_ids]
+        if not mine:
+            return None
+        by_id = {r.patient_id: r for r in records() if r.patient_id in train_ids}
+        tok = self._tok(vocab)
+        twins: dict[str, list] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for v in mine:
+                if v.label > 0 and v.pseudonym in by_id:
+                    (ids,), _ = encode_records(tok, [twin_record(by_id[v.pseudonym], v)])
+                    twins.setdefault(v.pseudonym, []).append((v, ids))
+        return mix(train=data["train"], train_ids=data["train_ids"], twins=twins,
+                   rejected=[v for v in mine if v.label < 0], rate=rate, seed=seed)
 
     def encode_reference(self, records: list[PatientRecord], vocab: dict) -> dict:
         """Every record with an arm as validation data (server-side evaluation)."""

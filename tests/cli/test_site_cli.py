@@ -34,6 +34,7 @@ def test_site_init_ingest_stats_snapshot_rotate(small_cohort, tmp_path):
 
     r = runner.invoke(app, ["site", "export-snapshot", "--site-dir", str(site), "--out", str(tmp_path / "snap.jsonl.gz")])
     assert r.exit_code == 0 and (tmp_path / "snap.jsonl.gz").is_file()
+    assert (tmp_path / "feedback.jsonl").read_text().startswith('{"format": "evoclone-feedback/1"}')  # no verdicts yet
 
     r = runner.invoke(app, ["site", "rotate-key", "--site-dir", str(site), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["active"] == "k2"
@@ -141,3 +142,41 @@ def test_site_migrate_backs_up_then_reports_the_revision_and_version_flag(tmp_pa
 
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.startswith("evoclone ")
+
+
+def test_site_migrate_seals_twins_stored_in_plaintext_before_encryption_at_rest(tmp_path):
+    from datetime import datetime, timezone
+
+    import sqlalchemy as sa
+    from sqlmodel import Session, select
+
+    from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.keyring import load_keyring
+    from evoclone.site_node.migrate import upgrade
+    from evoclone.site_node.review import views
+    from evoclone.site_node.review_models import TwinReview
+
+    site = tmp_path / "site"
+    assert runner.invoke(app, ["site", "init", "--site-dir", str(site), "--name", "s1"]).exit_code == 0
+    engine = make_engine(f"sqlite:///{site / 'site.db'}")
+    upgrade(engine, "0003")  # a site database from before encryption, holding one twin in plaintext
+    twin = {"events": [[30.0, "LDL", 2.5, "mmol/L"]], "outcome": {"time": 120.0, "event": False}}
+    with engine.begin() as c:
+        c.execute(sa.text(
+            "INSERT INTO twin_review (study, pseudonym, model_version, arm, quality, copy_index, twin_json, status, "
+            "note, annotations, created_at) VALUES ('s', :p, 'v1', 'control', 0.9, 0, :t, 'pending', '', '[]', :at)"),
+            {"p": "P-" + "a" * 32, "t": json.dumps(twin), "at": datetime.now(timezone.utc)})
+    r = runner.invoke(app, ["site", "migrate", "--site-dir", str(site), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["from"], doc["to"], doc["twins_sealed"]) == ("0003", "0004", 1)
+    with engine.connect() as c:
+        plain, sealed = c.execute(sa.text("SELECT twin_json, twin_sealed FROM twin_review")).one()
+    assert plain is None and b"LDL" not in sealed
+    with Session(engine) as session:
+        (view,) = views(session=session, rows=list(session.exec(select(TwinReview)).all()),
+                        keyring=load_keyring(site))
+    assert view.events == twin["events"] and view.outcome == twin["outcome"]
+    assert json.loads(runner.invoke(app, ["site", "migrate", "--site-dir", str(site), "--json"]).stdout
+                      )["twins_sealed"] == 0
+    engine.dispose()

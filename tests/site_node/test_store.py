@@ -95,7 +95,7 @@ def test_migrations_create_exactly_the_orm_schema(db_url):
     assert current(engine) is None
     upgrade(engine)
     upgrade(engine)  # idempotent
-    assert current(engine) == "0003"  # the newest revision
+    assert current(engine) == "0004"  # the newest revision
     # the coordinator's tables share SQLModel's metadata when both services are imported in one process
     coordinator = {m.local_table.name for m in SQLModel._sa_registry.mappers
                    if m.class_.__module__.startswith("evoclone.coordinator")}

@@ -27,8 +27,8 @@ from ...auth import authenticate, check_rate, create_access_token
 from ...errors import SiteError
 from ...keyring import load_keyring
 from ...patients import get_record
-from ...review import decide, get_review, list_reviews
-from ...review_models import RejectReason, ReviewStatus, public
+from ...review import decide, get_review, list_reviews, views
+from ...review_models import RejectReason, ReviewStatus
 from ...sessions import create_session, end_session
 from ..deps import NowDep, Principal, SessionDep, SettingsDep, StoreDep, get_current_user
 from ..twin_deps import ServicesDep
@@ -83,7 +83,8 @@ def queue_page(request: Request, session: SessionDep, settings: SettingsDep, sto
     rows, total = list_reviews(session=session, status=ReviewStatus.pending, study=study or None,
                                min_quality=min_quality, limit=200)
     return _render(request, "queue.html", title="Queue", user=user.name, csrf=_csrf(request, user.sid),
-                   items=[public(r) for r in rows], count=total, study=study, min_quality=min_quality,
+                   items=views(session=session, rows=rows, keyring=load_keyring(settings.site_dir)), count=total,
+                   study=study, min_quality=min_quality,
                    message=done)
 
 
@@ -168,8 +169,9 @@ def twin_page(review_id: int, request: Request, session: SessionDep, settings: S
     if user is None:
         return _to_login("expired")
     try:
-        row = public(get_review(session=session, review_id=review_id))
-        record = get_record(engine=request.app.state.engine, keyring=load_keyring(settings.site_dir),
+        keyring = load_keyring(settings.site_dir)
+        row = views(session=session, rows=[get_review(session=session, review_id=review_id)], keyring=keyring)[0]
+        record = get_record(engine=request.app.state.engine, keyring=keyring,
                             pseudonym=row.pseudonym)
     except SiteError as exc:
         return _render(request, "queue.html", status=404, user=user.name, csrf=_csrf(request, user.sid), items=[],

@@ -1,5 +1,5 @@
 """The clinician review queue: list, read, approve, reject (the twin is regenerated under a constraint), annotate;
-and the feedback each training run took."""
+the feedback export and which training round used which verdicts."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from sqlmodel import Session
+
+from evoclone.federated.feedback import feedback_path
 
 from ...access_log import AccessEntryCreate, record_access
 from ...errors import SiteError
 from ...inference import generate
 from ...keyring import load_keyring
 from ...patients import PSEUDONYM_PATTERN, get_record
-from ...review import annotate, decide, export_feedback, feedback_usage, get_review, list_reviews, \
-    queue_regenerated, reason_constraints
+from ...review import annotate, decide, feedback_usage, get_review, list_reviews, open_twins, queue_regenerated, \
+    reason_constraints, views, write_feedback
 from ...review_models import AnnotateRequest, DecisionPublic, RejectRequest, ReviewQueuePublic, ReviewStatus, \
-    TwinReview, TwinReviewPublic, public
+    TwinReview, TwinReviewPublic
 from ..deps import RowId, AdminUser, ClinicalUser, EngineDep, NowDep, ReasonDep, RequestId, SessionDep, SettingsDep
 from ..twin_deps import ServicesDep
 
@@ -26,15 +28,19 @@ log = logging.getLogger("evoclone.site.api")
 NOT_FOUND = {404: {"description": "no such review"}}
 
 
-class FeedbackExportRequest(BaseModel):
-    """The training run (round) whose snapshot takes the verdicts not used yet."""
+def _views(engine, settings, rows: list[TwinReview]) -> list[TwinReviewPublic]:
+    """The API views of rows, their sealed twins opened with the site's keyring (read per request: rotation)."""
+    with Session(engine) as session:
+        return views(session=session, rows=rows, keyring=load_keyring(settings.site_dir))
 
-    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+def _view(engine, settings, row: TwinReview | None) -> TwinReviewPublic | None:
+    return _views(engine, settings, [row])[0] if row is not None else None
 
 
 @router.get("", response_model=ReviewQueuePublic)
 def read_queue(user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep, now: NowDep,
-               rid: RequestId,
+               rid: RequestId, settings: SettingsDep,
                status: Annotated[ReviewStatus | None, Query(description="pending (default), approved or rejected")
                                  ] = ReviewStatus.pending,
                study: Annotated[str | None, Query(max_length=64)] = None,
@@ -49,61 +55,63 @@ def read_queue(user: ClinicalUser, reason: ReasonDep, session: SessionDep, engin
     record_access(engine=engine, at=now, data=AccessEntryCreate(actor=user.name, role=user.role, action="review.list",
                                                                 pseudonym=patient or "", reason=reason.value,
                                                                 request_id=rid))
-    return ReviewQueuePublic(items=[public(r) for r in rows], count=total)
+    return ReviewQueuePublic(items=_views(engine, settings, rows), count=total)
 
 
 @router.get("/feedback", response_model=list[dict[str, Any]])
-def read_feedback_usage(_user: AdminUser, session: SessionDep) -> list[dict[str, Any]]:
-    """Which training run used how many approved and rejected twins (run_id null: not used yet)."""
-    return feedback_usage(session=session)
+def read_feedback_usage(_user: AdminUser, engine: EngineDep) -> list[dict[str, Any]]:
+    """Per training run and round: the approved twins it trained on and the rejected twins it held out (review ids
+    and counts), as recorded by the site's ClientApp."""
+    return feedback_usage(engine=engine)
 
 
 @router.post("/feedback/export", response_model=dict[str, Any])
-def export_feedback_for_run(body: FeedbackExportRequest, _user: AdminUser, engine: EngineDep,
-                            settings: SettingsDep, now: NowDep) -> dict[str, Any]:
-    """Write the unused verdicts next to the training snapshot for a run, and mark them used by it."""
-    out = export_feedback(engine=engine, site_dir=settings.site_dir, run_id=body.run_id, now=now)
-    return {**out, "path": f"feedback/{body.run_id}.jsonl"}
+def export_feedback_now(_user: AdminUser, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """Write every verdict to the feedback file next to the training snapshot now (export-snapshot also does), so
+    the next training round uses them."""
+    path = feedback_path(settings.snapshot_path)
+    out = write_feedback(engine=engine, keyring=load_keyring(settings.site_dir), path=path)
+    return {**out, "path": path.name}
 
 
 @router.get("/{review_id}", response_model=TwinReviewPublic, responses=NOT_FOUND)
 def read_review(review_id: RowId, user: ClinicalUser, reason: ReasonDep, session: SessionDep, engine: EngineDep,
-                now: NowDep, rid: RequestId) -> TwinReviewPublic:
+                now: NowDep, rid: RequestId, settings: SettingsDep) -> TwinReviewPublic:
     """One twin under review."""
     row = get_review(session=session, review_id=review_id)
     record_access(engine=engine, at=now, data=AccessEntryCreate(actor=user.name, role=user.role, action="review.read",
                                                                 pseudonym=row.pseudonym, reason=reason.value,
                                                                 request_id=rid))
-    return public(row)
+    return _view(engine, settings, row)
 
 
 @router.post("/{review_id}/approve", response_model=DecisionPublic, responses={**NOT_FOUND, 409: {
     "description": "already reviewed"}})
 def approve(review_id: RowId, user: ClinicalUser, reason: ReasonDep, engine: EngineDep, now: NowDep,
-            rid: RequestId) -> DecisionPublic:
+            rid: RequestId, settings: SettingsDep) -> DecisionPublic:
     """Approve a pending twin: it becomes positive feedback (synthetic augmentation) for the next training run."""
     row = decide(engine=engine, review_id=review_id, status=ReviewStatus.approved, actor=user.name, role=user.role,
                  reason=reason.value, request_id=rid, now=now)
-    return DecisionPublic(review=public(row))
+    return DecisionPublic(review=_view(engine, settings, row))
 
 
 def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, role: str, reason: str, rid: str,
                now) -> tuple[TwinReview | None, str | None]:
     """Generate a replacement for a rejected twin under the reason's constraint and queue it; or why not."""
-    import json
-
+    keyring = load_keyring(settings.site_dir)
     try:
         model = services.models.get()
-        record = get_record(engine=engine, keyring=load_keyring(settings.site_dir), pseudonym=row.pseudonym)
-        cons = reason_constraints(reason=why, tok=model.tokenizer, patient=record,
-                                  events=json.loads(row.twin_json)["events"])
+        record = get_record(engine=engine, keyring=keyring, pseudonym=row.pseudonym)
+        with Session(engine) as session:
+            events = open_twins(session=session, rows=[row], keyring=keyring)[row.id]["events"]
+        cons = reason_constraints(reason=why, tok=model.tokenizer, patient=record, events=events)
         doc = generate(model=model, record=record, arm=row.arm, count=1, seed=1_000_003 * row.id % (2**31),
                        constraints=cons)
     except SiteError as exc:
         return None, str(exc)
     if not doc["twins"]:
         return None, "the quality gate refused every regenerated try; generate new twins for this patient"
-    new = queue_regenerated(engine=engine, parent=row, twin=doc["twins"][0], model_version=model.version,
+    new = queue_regenerated(engine=engine, keyring=keyring, parent=row, twin=doc["twins"][0], model_version=model.version,
                             actor=actor, role=role, reason=reason, request_id=rid, now=now)
     return new, None
 
@@ -120,10 +128,11 @@ async def reject(review_id: RowId, body: RejectRequest, user: ClinicalUser, reas
                      role=user.role, reason=reason.value, request_id=rid, reject_reason=body.reason, text=body.text,
                      now=now)
         if not body.regenerate:
-            return DecisionPublic(review=public(row))
+            return DecisionPublic(review=_view(engine, settings, row))
         new, why_not = regenerate(services=services, engine=engine, settings=settings, row=row, why=body.reason,
                                   actor=user.name, role=user.role, reason=reason.value, rid=rid, now=now)
-        return DecisionPublic(review=public(row), regenerated=public(new) if new else None, regeneration=why_not)
+        return DecisionPublic(review=_view(engine, settings, row), regenerated=_view(engine, settings, new),
+                              regeneration=why_not)
 
     session.close()  # give the auth lookup's connection back: regeneration waits for the model
     return await services.run_model(work)
@@ -131,7 +140,7 @@ async def reject(review_id: RowId, body: RejectRequest, user: ClinicalUser, reas
 
 @router.post("/{review_id}/annotate", response_model=TwinReviewPublic, responses=NOT_FOUND)
 def annotate_review(review_id: RowId, body: AnnotateRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
-                    now: NowDep, rid: RequestId) -> TwinReviewPublic:
+                    now: NowDep, rid: RequestId, settings: SettingsDep) -> TwinReviewPublic:
     """Add a note to a twin (scrubbed of identifiers before it is stored)."""
-    return public(annotate(engine=engine, review_id=review_id, text=body.text, actor=user.name, role=user.role,
-                           reason=reason.value, request_id=rid, now=now))
+    return _view(engine, settings, annotate(engine=engine, review_id=review_id, text=body.text, actor=user.name,
+                                            role=user.role, reason=reason.value, request_id=rid, now=now))

@@ -106,7 +106,7 @@ async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: Clinic
                                       events=t["events"], outcome=t["outcome"]) for t in out["twins"]]
             # the queued twins and the access-log entry of their generation commit together
             with Session(engine, expire_on_commit=False) as s:
-                rows = queue_twins(session=s, items=items, now=now)
+                rows = queue_twins(session=s, items=items, keyring=load_keyring(settings.site_dir), now=now)
                 append_access(session=s, at=now, data=AccessEntryCreate(**entry, action="twin.generate",
                                                                         pseudonym=pseudonym))
                 s.commit()

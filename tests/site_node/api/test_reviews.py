@@ -1,5 +1,5 @@
 """The review workflow: queue filters, approve, reject with a reason (regenerated under its constraint), annotate,
-one transaction per verdict and its log entry, and feedback marked with the training run that used it."""
+one transaction per verdict and its log entry, twins sealed at rest, and the feedback file and per-round usage."""
 
 from __future__ import annotations
 
@@ -64,21 +64,39 @@ def test_queue_approve_reject_regenerate_annotate_and_feedback(client, clinician
     assert client.post("/api/v1/reviews/999999/approve", params=R, headers=clinician).status_code == 404
     assert client.get("/api/v1/reviews", headers=clinician).status_code == 422  # no reason
     rows = _rows(client)
-    assert MRN not in json.dumps([r.model_dump(mode="json") for r in rows.values()])
+    assert MRN not in json.dumps([r.model_dump(mode="json", exclude={"twin_sealed"}) for r in rows.values()])
     log = _log(client)
     assert log.count("review.approve") == 1 and log.count("review.reject") == 1 and "review.annotate" in log
-    # feedback: the verdicts go to the run that exports them, once
-    r = client.post("/api/v1/reviews/feedback/export", headers=admin, json={"run_id": "round-7"})
-    assert r.status_code == 200 and r.json()["approved"] == 1 and r.json()["rejected"] == 1, r.text
-    lines = [json.loads(x) for x in (client.app.state.settings.site_dir / "feedback" / "round-7.jsonl").read_text()
-             .splitlines()]
-    assert sorted(x["label"] for x in lines) == [-1, 1] and {x["review_id"] for x in lines} == set(ids[:2])
-    assert {i: r.used_in for i, r in _rows(client).items() if r.status != "pending"} == {ids[0]: "round-7",
-                                                                                        ids[1]: "round-7"}
-    assert client.post("/api/v1/reviews/feedback/export", headers=admin, json={"run_id": "round-7"}).status_code == 409
+    # at rest the twins are sealed: no event code, value or outcome in the database in plaintext
+    raw = _raw_reviews(client)
+    code = body["review"]["events"][0][1] if body["review"]["events"] else None
+    assert raw and all(twin_json is None and sealed for twin_json, sealed in raw)
+    if code:
+        assert not any(code.encode() in sealed for _, sealed in raw)
+    # feedback: every verdict goes to the file next to the snapshot; rounds record what they used
+    assert client.get("/api/v1/reviews/feedback", headers=admin).json() == []
+    r = client.post("/api/v1/reviews/feedback/export", headers=admin)
+    assert r.status_code == 200 and r.json() == {"approved": 1, "rejected": 1, "path": "feedback.jsonl"}, r.text
+    from evoclone.federated.feedback import read_feedback
+    from evoclone.federated.stores.feedback import FeedbackUseStore
+
+    site_dir = client.app.state.settings.site_dir
+    assert (site_dir / "feedback.jsonl").stat().st_mode & 0o777 == 0o600
+    verdicts = {v.review_id: v for v in read_feedback(site_dir / "feedback.jsonl")}
+    assert {i: v.label for i, v in verdicts.items()} == {ids[0]: 1, ids[1]: -1}
+    assert verdicts[ids[1]].reason == "lab_out_of_range" and verdicts[ids[0]].pseudonym == patient
+    FeedbackUseStore(engine=client.app.state.engine).record(run_id="run-7", round=2, used=[ids[0]], held_out=[ids[1]])
     usage = client.get("/api/v1/reviews/feedback", headers=admin).json()
-    assert usage == [{"run_id": "round-7", "approved": 1, "rejected": 1}]
+    assert usage == [{"run_id": "run-7", "round": 2, "approved": [ids[0]], "rejected": [ids[1]],
+                      "approved_count": 1, "rejected_count": 1}]
     assert client.get("/api/v1/reviews/feedback", headers=clinician).status_code == 403
+
+
+def _raw_reviews(client):
+    import sqlalchemy as sa
+
+    with client.app.state.engine.connect() as conn:
+        return conn.execute(sa.text("SELECT twin_json, twin_sealed FROM twin_review")).all()
 
 
 def test_a_crash_between_the_review_and_its_log_entry_leaves_nothing_half_written(client, clinician, patient,
