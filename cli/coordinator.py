@@ -67,6 +67,52 @@ def init(state_dir: StateDir,
                    err=True)
 
 
+@coordinator_app.command("migrate")
+def migrate(state_dir: StateDir,
+            backup: Annotated[Path | None, typer.Option(help="first copy a SQLite coordinator database here "
+                                                           "(consistent while the services run)")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False) -> None:
+    """Bring the coordinator database to this version's schema (what an upgrade runs before restarting the services).
+
+    A database made before migrations existed is adopted; one migrated by a newer release is refused (exit 2).
+
+    Example: evoclone coordinator migrate --state-dir /srv/evoclone-coordinator --backup /var/backups/coordinator.db
+    """
+    import sqlalchemy as sa
+
+    from evoclone.coordinator.db import make_engine
+    from evoclone.coordinator.migrate import SchemaError, backup_sqlite, current, upgrade
+
+    settings = _settings(state_dir)
+    engine = make_engine(settings)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        if backup is not None and engine.dialect.name != "sqlite":
+            raise _fail("--backup copies a SQLite database; back a PostgreSQL coordinator database up with pg_dump")
+        # nothing to copy before the first start (SQLite creates the file on first connection)
+        backed_up = backup is not None and Path(engine.url.database or "").is_file()
+        if backed_up:
+            backup_sqlite(engine, backup)
+        before = current(engine)
+        after = upgrade(engine)
+    except SchemaError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot migrate the coordinator database {where}: {exc}", 1) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise _fail(f"cannot migrate the coordinator database {where}: {' '.join(str(exc).split())[:300]}", 1) \
+            from None
+    finally:
+        engine.dispose()
+    doc = {"from": before, "to": after, "changed": before != after, "backup": str(backup) if backed_up else None}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        typer.echo(f"coordinator database at revision {after}" + (f" (was {before})" if before != after
+                                                                  else " (unchanged)")
+                   + (f"; backup in {backup}" if backed_up else ""), err=True)
+
+
 @user_app.command("add")
 def user_add(state_dir: StateDir,
              username: Annotated[str, typer.Option(help="login name (letters, digits, '_', '.', '-')")],

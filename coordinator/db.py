@@ -1,4 +1,4 @@
-"""The coordinator's database: one engine per app, tables, sessions, and retries while it is away."""
+"""The coordinator's database: one engine per app, its schema (migrations), sessions, and retries while it is away."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import sqlalchemy as sa
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
-from evoclone.federated.stores import create_tables as _create_tables
 from evoclone.federated.stores.engine import make_engine as engine_for
 
 from . import models  # noqa: F401  (registers every table on SQLModel.metadata)
@@ -28,8 +27,14 @@ def make_engine(settings: CoordinatorSettings) -> sa.Engine:
 
 
 def create_tables(engine: sa.Engine) -> None:
-    """Create every coordinator table that is missing (safe when two workers start together)."""
-    _create_tables(SQLModel.metadata, engine)
+    """Bring the schema to this release's with the migrations (on an empty database: every table).
+
+    Safe when two workers start together (see `migrate.upgrade`); raises migrate.SchemaError for a database
+    this release cannot migrate.
+    """
+    from .migrate import upgrade
+
+    upgrade(engine)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from sqlmodel import Session
 
-from .db import create_tables, make_engine, with_retry
+from .db import make_engine, with_retry
+from .migrate import upgrade
 from .settings import ENV_PREFIX, CoordinatorSettings
 from .sites import sync_node_keys
 
@@ -100,10 +101,11 @@ def _stop_requested(_signum, _frame) -> None:
 
 
 def prepare(settings: CoordinatorSettings) -> None:
-    """Create missing tables and write the active sites' SuperNode keys before anything starts."""
+    """Migrate the database to this release's schema (a no-op after `evoclone coordinator migrate`) and write the
+    active sites' SuperNode keys before anything starts."""
     engine = make_engine(settings)
     try:
-        with_retry(lambda: create_tables(engine), seconds=30)
+        with_retry(lambda: upgrade(engine), seconds=30)
         with Session(engine) as session:
             sync_node_keys(session=session, node_keys_dir=settings.node_keys_dir)
     finally:

@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from evoclone.federated.stores.backup import backup_sqlite  # noqa: F401  (`evoclone site migrate --backup`)
+
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     """Run every pending migration on `engine` inside one transaction."""
@@ -24,20 +26,3 @@ def current(engine: sa.Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
-
-
-def backup_sqlite(engine: sa.Engine, dest) -> None:
-    """Copy a SQLite database to `dest` with SQLite's online backup (consistent while others write); mode 0600."""
-    import os
-    import sqlite3
-    from pathlib import Path
-
-    source = engine.url.database
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    with sqlite3.connect(source) as src, sqlite3.connect(tmp) as out:
-        src.backup(out)
-    os.replace(tmp, dest)
