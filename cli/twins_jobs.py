@@ -267,6 +267,8 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
                  epochs: int, batch_size: int, lr: float, seed: int, members: int,
                  on_step: Progress | None = None) -> dict:
     """Fit the feature spec, train a calibrated (DP) deep ensemble, save it; returns the --json summary."""
+    from evoclone.federated.arm_shift import ENDPOINTS as ARM_SHIFT_ENDPOINTS
+    from evoclone.federated.arm_shift import arm_index, fit_arm_shift
     from evoclone.federated.features import FeatureSpec, encode_cohort
     from evoclone.federated.models.fusion import FusionConfig
     from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_history, train_ensemble
@@ -292,6 +294,9 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     dp = _privacy(epsilon, delta, len(train["static"]), tcfg, runs=members)  # members compose
     ensemble, results = train_ensemble(cfg, train, val, tcfg, members=members, dp=dp, on_step=on_step)
+    if dp is None and endpoint in ARM_SHIFT_ENDPOINTS:  # the arm's effect, unshrunk (federated.arm_shift)
+        ensemble.arm_column = arm_index(spec)
+        ensemble.arm_shift = fit_arm_shift(ensemble, subset(arrays, None, endpoint))
     spent = _spent([ensemble_history(results)], delta)
     value = _metric(endpoint, val, ensemble.predict(val)["risk"]) if len(val["static"]) else float("nan")
     metric = METRICS[endpoint]

@@ -154,7 +154,8 @@ class FusionEnsemble:
     def __init__(self, cfg: FusionConfig, models: list[FusionPredictor], *,
                  calibration: list[tuple[float, float]] | None = None, residual_sd: float = 0.0,
                  tertiles: tuple[float, float] | None = None,
-                 thresholds: tuple[float, float] = RISK_THRESHOLDS) -> None:
+                 thresholds: tuple[float, float] = RISK_THRESHOLDS, arm_column: int | None = None,
+                 arm_shift: tuple[float, float] | None = None) -> None:
         if not models:
             raise ValueError("an ensemble needs at least one member")
         self.cfg = cfg
@@ -165,6 +166,11 @@ class FusionEnsemble:
         self.residual_sd = float(residual_sd)
         self.tertiles = tertiles
         self.thresholds = tuple(thresholds)
+        # per-arm shifts of every output logit (federated.arm_shift): (control, treatment), by the static arm column
+        self.arm_column = arm_column
+        self.arm_shift = tuple(arm_shift) if arm_shift is not None else None
+        if self.arm_shift is not None and arm_column is None:
+            raise ValueError("an arm shift needs the arm's static column")
 
     @property
     def members(self) -> int:
@@ -177,7 +183,11 @@ class FusionEnsemble:
         for model, (a, b) in zip(self.models, self.calibration):
             logits, _ = model(static, visits, lengths)  # (B, out_dim)
             out.append(a * logits + b)
-        return torch.stack(out)
+        z = torch.stack(out)
+        if self.arm_shift is not None:
+            treated = static[:, self.arm_column] > 0.5
+            z = z + torch.where(treated, self.arm_shift[1], self.arm_shift[0]).to(z.dtype)[None, :, None]
+        return z
 
     def member_outputs(self, arrays: dict[str, np.ndarray], batch_size: int = 512) -> np.ndarray:
         """Calibrated outputs of each member for each row (M, B, out_dim): hazard logits, logit or value."""
@@ -281,7 +291,8 @@ class FusionEnsemble:
                 "calibration": [{"scale": a, "shift": b} for a, b in self.calibration],
                 "residual_sd": self.residual_sd, "risk_thresholds": list(self.thresholds),
                 "tertiles": list(self.tertiles) if self.tertiles is not None else None,
-                "categories": list(CATEGORIES)}
+                "categories": list(CATEGORIES), "arm_column": self.arm_column,
+                "arm_shift": list(self.arm_shift) if self.arm_shift is not None else None}
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "FusionEnsemble":
@@ -300,7 +311,8 @@ class FusionEnsemble:
         return cls(cfg, models, calibration=[(float(c["scale"]), float(c["shift"])) for c in meta["calibration"]],
                    residual_sd=float(meta.get("residual_sd", 0.0)),
                    tertiles=tuple(tertiles) if tertiles is not None else None,
-                   thresholds=tuple(meta.get("risk_thresholds", RISK_THRESHOLDS)))
+                   thresholds=tuple(meta.get("risk_thresholds", RISK_THRESHOLDS)), arm_column=meta.get("arm_column"),
+                   arm_shift=tuple(meta["arm_shift"]) if meta.get("arm_shift") is not None else None)
 
 
 def train_ensemble(cfg: FusionConfig, train_arrays: dict[str, np.ndarray], val_arrays: dict[str, np.ndarray],

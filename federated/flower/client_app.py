@@ -96,6 +96,10 @@ def query(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     node = node_settings(context)
     cfg = msg.content["config"]
+    if str(cfg.get("phase", "")) == "arm-shift":  # after training: the arm's effect on the final model
+        from .arm_query import answer
+
+        return answer(msg, context, node, _encoded)
     covariates = json.loads(str(cfg["covariates"])) or None
     records = _records(node)
     summary = summarize(records, covariates=covariates, history_days=float(cfg["history-days"]),
@@ -253,8 +257,12 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
     sigma = store.plan(run_id=key)
     if sigma is None:
+        from ..arm_shift import query_share
+
         rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
-        target = min(node["budget"], ledger.spent() + float(rc["target-epsilon"]))
+        # training leaves `arm-shift-share` of the run's target for the arm-effect query after it (arm_query)
+        share = float(rc["target-epsilon"]) * (1.0 - query_share(task.name, rc))
+        target = min(node["budget"], ledger.spent() + share)
         try:
             planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
                                       sample_rate=q, steps=per_round * rounds, accountant=ledger.accountant)

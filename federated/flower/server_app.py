@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -76,12 +77,14 @@ class Study:
         self.runs: list[int] = [run_id]
         self.best_round: int | None = None
         self.not_joined: list[str] = []  # sites that refused the study (e.g. app not approved)
+        self.arm_shift: dict | None = None  # the post-training arm-effect query (federated.arm_shift)
 
     # -- persistence --------------------------------------------------------------------
     def persist(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {"run_key": self.key, "run_id": self.run_id, "flower_runs": self.runs, "status": self.status,
-               "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round, "not_joined": self.not_joined, "rounds": self.rounds,
+               "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round,
+               "not_joined": self.not_joined, "rounds": self.rounds, "arm_shift": self.arm_shift,
                "sites": sorted(self.sites.values(), key=lambda s: s["name"])}
         _write_json(self.out / "rounds.json", doc)
 
@@ -342,7 +345,7 @@ def main(grid: Grid, context: Context) -> None:
             last = next(r for r in study.rounds if r["round"] == done)
             last["val_loss"], last["val_metric"] = ev["val_loss"], ev["val_metric"]
             _finish(study, task, rc, ev, metric=METRICS.get(str(rc["endpoint"]), "perplexity")
-                    if task.name == "fusion" else "perplexity")
+                    if task.name == "fusion" else "perplexity", grid=grid, timeout=timeout, min_nodes=min_nodes)
         study.status = "completed" if final is not None else "failed"
         if final is None and not study.error:
             study.error = "no round was aggregated"
@@ -376,14 +379,61 @@ def _stalled(rounds: list[dict], patience: int, min_delta: float) -> bool:
     return min(losses[-patience:]) > best_before - min_delta
 
 
-def _finish(study: Study, task, rc, ev: dict, *, metric: str) -> None:
-    """Copy the best round (lowest federated validation loss) to <out>/model with its lineage."""
+def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, min_nodes: int) -> dict:
+    """Per-arm output shifts of the final model from the sites' noised score and information sums (one Newton
+    step, federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what happened."""
+    from ..arm_shift import newton_step
+
+    cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
+                        "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 1.0))})
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"arrays": pack(tensors), "config": cfg}), dst_node_id=nid,
+                    message_type=MessageType.QUERY) for nid in nodes]
+    replies = send_and_receive(grid, msgs, timeout=timeout)
+    participation, total = [], np.zeros(4)
+    for msg in replies:
+        if msg.has_error():
+            participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
+            continue
+        site = msg.content.config_records.get("site", ConfigRecord())
+        privacy = msg.content.config_records.get("privacy", ConfigRecord())
+        m = msg.content.metric_records.get("metrics", MetricRecord())
+        name, status = _site_name(msg), str(site.get("status", ""))
+        if name in study.sites:
+            study.sites[name]["epsilon_spent"] = float(m.get("epsilon", study.sites[name]["epsilon_spent"]))
+        entry = {"site": name, "status": status, "epsilon_spent": float(m.get("epsilon", 0.0)),
+                 "epsilon_budget": privacy.get("epsilon-budget")}
+        if status == STATUS_OK:
+            total += np.asarray(json.loads(str(msg.content.config_records["arm-shift"]["sums"])), dtype=float)
+        else:
+            entry["reason"] = str(site.get("reason", ""))
+        participation.append(entry)
+    ok = sum(p["status"] == STATUS_OK for p in participation)
+    doc = {"participation": sorted(participation, key=lambda p: p["site"]), "sites": ok}
+    if ok < min_nodes:
+        return {**doc, "status": "skipped", "reason": f"only {ok} sites answered, fewer than min-nodes {min_nodes}"}
+    step = newton_step(total)
+    if step is None:
+        return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
+    return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0]}
+
+
+def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None = None, timeout: float = 0.0,
+            min_nodes: int = 1) -> None:
+    """Copy the best round (lowest federated validation loss) to <out>/model with its lineage; for fusion
+    time-to-event and binary models, re-estimate the arm's effect on it first (federated.arm_shift)."""
+    from ..arm_shift import query_share
     from ..artifacts import load_component
 
     aggregated = [r for r in study.rounds if r["status"] == "aggregated"]
     scored = [r for r in aggregated if not math.isnan(r.get("val_loss", float("nan")))]
     best = min(scored, key=lambda r: r["val_loss"]) if scored else aggregated[-1]
     tensors, _, vocab = load_component(study.round_dir(best["round"]), task.component)
+    arm = None
+    if grid is not None and query_share(task.name, rc) > 0:
+        arm = _arm_shift(study, grid, rc, tensors, timeout=timeout, min_nodes=min_nodes)
+        study.arm_shift = arm
+        study.persist()
     model_dir = study.out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -396,6 +446,10 @@ def _finish(study: Study, task, rc, ev: dict, *, metric: str) -> None:
              "delta": float(rc.get("delta", 0.0)) or None,
              "metrics": {f"val_{metric}": _num(best.get("val_metric")), "val_loss": _num(best.get("val_loss"))},
              "tertiles": ev.get("tertiles"), "residual_sd": ev.get("residual_sd", 0.0)}
+    if arm is not None:
+        extra["arm_effect"] = {k: arm[k] for k in ("status", "reason", "log_effect", "sites") if k in arm}
+        if arm["status"] == "fitted":
+            extra["arm_shift"] = (arm["control"], arm["treatment"])
     extra.update(json.loads(str(rc.get("manifest-extra", "")) or "{}"))
     task.save(model_dir, tensors, study.vocabulary, extra)
     study.best_round = best["round"]

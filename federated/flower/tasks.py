@@ -135,7 +135,12 @@ class FusionTask:
     def save(self, out: Path, state: dict[str, torch.Tensor], vocab: dict, extra: dict) -> None:
         from ..artifacts import save_component
 
+        from ..arm_shift import arm_index
+
         ens = self._ensemble(vocab, state)
+        shift = extra.pop("arm_shift", None)
+        if shift is not None:  # the post-training arm-effect estimate (federated.arm_shift)
+            ens.arm_column, ens.arm_shift = arm_index(FeatureSpec.from_dict(vocab["spec"])), tuple(shift)
         meta = ens.meta()
         tertiles, residual_sd = extra.pop("tertiles", None), extra.pop("residual_sd", 0.0)
         extra.setdefault("risk_definition", RISK_DEFINITIONS[self.endpoint].format(h=float(vocab["horizon_days"])))

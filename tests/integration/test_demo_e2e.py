@@ -78,12 +78,13 @@ def test_small_demo_end_to_end(tmp_path):
         assert set(s) == {"name", "patients", "epsilon_budget", "epsilon_spent", "delta"}
         assert s["patients"] == 60 and s["epsilon_budget"] == 2.0 and s["delta"] == 1e-5
         assert 0 < s["epsilon_spent"] <= s["epsilon_budget"]
-        # the site's own ledger (in its store) holds exactly one charge per round and the same total
+        # the site's own ledger (in its store) holds one charge per round, the arm-effect query's (round 0), and
+        # the same total
         b = subprocess.run([str(Path(sys.executable).parent / "evoclone"), "site", "budget", "--site-dir",
                             str(out / "sites" / s["name"]), "--json"], capture_output=True, text=True, timeout=120)
         assert b.returncode == 0, b.stderr
         ledger = json.loads(b.stdout)
-        assert [c["round"] for c in ledger["charges"]] == [1] and ledger["epsilon_budget"] == 2.0
+        assert [c["round"] for c in ledger["charges"]] == [1, 0] and ledger["epsilon_budget"] == 2.0
         assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
     assert [r["round"] for r in summary["rounds"]] == [1]
     assert set(summary["rounds"][0]) == {"round", "train_loss", "val_c_index"}

@@ -157,9 +157,10 @@ def test_unapproved_app_is_refused_and_budget_exhaustion_mid_run(trial_csv, tmp_
     reasons = [p.get("reason", "") for r in result["rounds"][1:] for p in r["participation"] if p["site"] == "h2"]
     assert all("does not fit the remaining privacy budget" in why for why in reasons)
     h2 = _ledger(by_name["h2"].settings.site_dir)
-    assert [c["round"] for c in h2["charges"]] == [1] and 0 < h2["epsilon_spent"] <= opts.epsilon
+    # (round 0: the arm-effect query after training, which h2 answers only if it still fits)
+    assert [c["round"] for c in h2["charges"] if c["round"]] == [1] and 0 < h2["epsilon_spent"] <= opts.epsilon
     h1 = _ledger(by_name["h1"].settings.site_dir)
-    assert [c["round"] for c in h1["charges"]] == [1, 2, 3]
+    assert [c["round"] for c in h1["charges"]] == [1, 2, 3, 0] and h1["epsilon_spent"] <= opts.epsilon + 1e-9
     assert (coord / "model" / "manifest.json").is_file()
 
 
@@ -286,8 +287,8 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
     assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
     for s in summary["sites"]:
         assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
-        ledger = _ledger(work / "sites" / s["name"])  # one charge per round, same total
-        assert [c["round"] for c in ledger["charges"]] == [1, 2]
+        ledger = _ledger(work / "sites" / s["name"])  # one charge per round and the arm-effect query, same total
+        assert [c["round"] for c in ledger["charges"]] == [1, 2, 0]
         assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
     # TLS and node authentication were on: every site has a key pair issued from the study PKI
     assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
@@ -421,9 +422,10 @@ def test_supernode_and_superlink_killed_mid_run_charge_each_round_once(trial_csv
     assert doc["status"] == "completed" and doc["resumed_from"] == 3
     for name, part in by_name.items():
         ledger = _ledger(part.settings.site_dir)
-        rounds = [c["round"] for c in ledger["charges"]]
+        rounds = [c["round"] for c in ledger["charges"] if c["round"]]
         trained = [r for r in (1, 2, 3, 4) if status[r].get(name) == "ok"]
         assert rounds == trained, (name, rounds, trained)  # one charge per round trained, none for the lost one
+        assert [c["round"] for c in ledger["charges"]].count(0) == 1  # the arm-effect query, once
         # spent epsilon is exactly the accountant's over the stored charges: nothing charged twice
         history = [(c["noise_multiplier"], c["sample_rate"], c["steps"]) for c in ledger["charges"]]
         assert ledger["epsilon_spent"] == pytest.approx(epsilon_of(history, delta=opts.delta), abs=1e-6)
@@ -454,9 +456,14 @@ def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(tr
     assert entry["training"] == "federated_dp_fedprox" and entry["best_round"] in (1, 2, 3)
     model, tok, gen_entry = load_generator(opts.out)
     assert gen_entry["kind"] == "twin_generator" and tok.vocab_size == model.cfg.vocab_size
-    for s in summary["sites"]:  # two models, three rounds each, half the budget each
+    # the fusion model's arm effect was re-estimated from every site's noised sums (federated.arm_shift)
+    assert entry["arm_effect"]["status"] == "fitted" and entry["arm_effect"]["sites"] == 3
+    assert ensemble.arm_shift is not None and entry["arm_effect"]["log_effect"] == pytest.approx(
+        ensemble.arm_shift[1] - ensemble.arm_shift[0])
+    for s in summary["sites"]:  # two models, three rounds each, half the budget each, and the fusion arm query
         ledger = _ledger(opts.study_dir / "sites" / s["name"])
-        assert len(ledger["charges"]) == 6 and ledger["epsilon_spent"] <= opts.epsilon + 1e-9
+        assert sorted(c["round"] for c in ledger["charges"]) == [0, 1, 1, 2, 2, 3, 3]
+        assert ledger["epsilon_spent"] <= opts.epsilon + 1e-9
 
 
 def test_secure_aggregation_gives_the_weighted_mean_of_the_sites_updates(trial_csv, tmp_path):

@@ -1,0 +1,114 @@
+"""The site's answer to the post-training arm-effect query (federated.arm_shift), charged to its ledger once.
+
+The final model's per-arm score and information sums over the site's patients with the
+endpoint (training and validation splits), each patient's terms clipped, with Gaussian
+noise: one Gaussian mechanism (sample rate 1, one step). Its noise multiplier is the
+smallest that keeps the site's spend for this run within the run's target epsilon, composed
+by the ledger's Opacus accountant with the run's training rounds (which left
+`arm-shift-share` of the target for it). The charge is the run's round 0. The noised sums
+are kept at the site, so a query repeated after a coordinator restart gets the same answer
+without a second charge (a fresh draw would average the noise away).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from .common import STATUS_OK, STATUS_REFUSED, run_key
+from .packing import unpack
+
+ARM_SHIFT_ROUND = 0  # the ledger's (run, round) key of the query: training rounds count from 1
+
+
+def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
+    """Reply to an arm-shift query: the noised sums, or a typed refusal with the reason."""
+    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise, epsilon_of
+
+    from ..arm_shift import arm_index, noised_sums
+    from ..features import FeatureSpec
+    from ..stores.ledger import LedgerMismatchError, SqlLedgerStore
+    from ..training import concat
+    from .tasks import task_for
+
+    rc = context.run_config
+    cfg = msg.content["config"]
+    key = run_key(context)
+    store = SqlLedgerStore(url=node["ledger"])
+    ledger = None
+    try:
+        try:
+            ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
+        except LedgerMismatchError as exc:
+            return _reply(msg, node, store.stored(), refused=str(exc))
+        kept_path = node["state_dir"] / "flower-updates" / f"{_safe(key)}.arm-shift.json"
+        if kept_path.is_file():
+            kept = json.loads(kept_path.read_text())
+            try:
+                store.charge(LedgerEntry(run_id=key, round=ARM_SHIFT_ROUND, **kept["charge"]))
+            except ValueError as exc:
+                return _reply(msg, node, ledger, refused=str(exc))
+            return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
+                                                accountant=ledger.accountant), sums=kept["sums"])
+        task = task_for(rc)
+        vocab = json.loads(str(cfg["vocabulary"]))
+        data = encoded(task, node, vocab)
+        pooled = concat([data["train"], data["val"]])
+        if len(pooled["static"]) == 0:
+            return _reply(msg, node, ledger, refused="no patients with the endpoint at this site")
+        before = epsilon_of(_history(ledger, exclude=key), delta=ledger.delta,
+                            accountant=ledger.accountant)
+        target = min(node["budget"], before + float(rc["target-epsilon"]))
+        try:
+            sigma = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
+                                    sample_rate=1.0, steps=1, accountant=ledger.accountant)
+        except ValueError as exc:
+            return _reply(msg, node, ledger, refused=f"the arm-effect query does not fit the privacy budget ({exc})")
+        ensemble = task._ensemble(vocab, unpack(msg.content["arrays"], str(cfg["layout"])))
+        ensemble.arm_column = arm_index(FeatureSpec.from_dict(vocab["spec"]))
+        rng = np.random.default_rng(secrets.randbits(128))  # OS entropy: the noise must not be predictable
+        sums = noised_sums(ensemble, pooled, clip=float(cfg["clip"]), noise_multiplier=sigma, rng=rng).tolist()
+        charge = {"noise_multiplier": sigma, "sample_rate": 1.0, "steps": 1}
+        kept_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = kept_path.with_name(kept_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sums": sums, "charge": charge}, f)
+        os.replace(tmp, kept_path)
+        try:
+            store.charge(LedgerEntry(run_id=key, round=ARM_SHIFT_ROUND, **charge))
+        except ValueError as exc:
+            kept_path.unlink(missing_ok=True)
+            return _reply(msg, node, ledger, refused=str(exc))
+        return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
+                                            accountant=ledger.accountant), sums=sums)
+    finally:
+        store.close()
+
+
+def _history(ledger, *, exclude: str) -> list[tuple[float, float, int]]:
+    """The accountant history of every charge but those of run `exclude` (what the site spent before it)."""
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.run_id != exclude]
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None, refused: str = "") -> Message:
+    site = ConfigRecord({"site": node["site"], "status": STATUS_REFUSED if refused else STATUS_OK})
+    if refused:
+        site["reason"] = refused
+    content = RecordDict({
+        "site": site,
+        "metrics": MetricRecord({"epsilon": ledger.spent() if ledger else 0.0}),
+        "privacy": ConfigRecord({"epsilon-budget": ledger.epsilon_budget if ledger else node["budget"],
+                                 "delta": ledger.delta if ledger else node["delta"]}),
+    })
+    if sums is not None:
+        content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums)})
+    return Message(content=content, reply_to=msg)
