@@ -87,6 +87,10 @@ def _run_child(req: dict, fds: list[int]) -> None:
         os.environ[CHILD_ENV] = "1"
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Flower's ClientApp leaves when its SuperNode (--parent-pid) dies by raising SIGINT in itself: a
+        # zygote started with SIGINT ignored (a background job, say) would pass that on, and the ClientApp
+        # would retry its dead SuperNode forever
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.argv = list(req["argv"])
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from evoclone.site_node.clientapp_zygote import REAL_ENV, SOCKET_ENV, prepare
 
@@ -47,3 +48,57 @@ def test_shim_forks_the_clientapp_from_the_warm_zygote():
         zygote.wait(timeout=30)
         shutil.rmtree(sock.parent, ignore_errors=True)
     assert SOCKET_ENV in env
+
+
+def _children(parent: int) -> list[int]:
+    """Live children of `parent` (a forked ClientApp keeps the zygote's command line, so find it by its parent)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def test_a_forked_clientapp_leaves_when_its_supernode_dies_even_if_the_zygote_ignores_sigint():
+    import signal
+    import uuid
+
+    real = shutil.which("flwr-clientapp", path=os.path.dirname(sys.executable))
+    sock, env = prepare(real)
+    zygote = subprocess.Popen([sys.executable, "-m", "evoclone.site_node.clientapp_zygote", str(sock),
+                               str(os.getpid())], env=_env(env),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    supernode = subprocess.Popen(["sleep", "600"])  # stands in for the SuperNode the ClientApp watches
+    token = f"t-{uuid.uuid4().hex}"
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert zygote.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        # a ClientApp whose SuperNode API never answers: it retries until its parent goes
+        subprocess.run([str(sock.parent / "flwr-clientapp"), "--runtime-api-address", "127.0.0.1:9",
+                        "--insecure", "--token", token, "--parent-pid", str(supernode.pid)],
+                       env=_env({**env, REAL_ENV: "/nonexistent/flwr-clientapp"}), timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not _children(zygote.pid):
+            assert time.monotonic() < deadline, "the zygote did not start the ClientApp"
+            time.sleep(0.1)
+        supernode.kill()
+        supernode.wait()
+        deadline = time.monotonic() + 15
+        while _children(zygote.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _children(zygote.pid), "the ClientApp outlived its SuperNode"
+    finally:
+        for pid in _children(zygote.pid):
+            os.kill(pid, signal.SIGKILL)
+        supernode.kill()
+        zygote.terminate()
+        zygote.wait(timeout=30)
+        shutil.rmtree(sock.parent, ignore_errors=True)
