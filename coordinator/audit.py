@@ -50,33 +50,50 @@ def _lock(session: Session) -> None:
         session.execute(sa.text("DELETE FROM audit_event WHERE 0"))
 
 
+def _head(session: Session) -> tuple[int, str]:
+    """The chain's last (seq, hash), or (0, GENESIS) when empty."""
+    row = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+    return (row[0], row[1]) if row else (0, GENESIS)
+
+
+def _entry(seq: int, prev_hash: str, *, action: str, outcome: str, actor: str = "", role: str = "",
+           resource: str = "", detail: dict[str, Any] | None = None, request_id: str = "",
+           at: datetime | None = None) -> dict[str, Any]:
+    """The row at `seq` after `prev_hash`, with its hash."""
+    when = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    row = {"seq": seq, "at": when, "prev_hash": prev_hash, "actor": actor[:128], "role": role[:32],
+           "action": action[:128], "resource": resource[:512], "outcome": outcome[:64], "detail": dict(detail or {}),
+           "request_id": request_id[:64]}
+    row["hash"] = compute_hash(prev_hash, {**row, "at": canonical_time(when)})  # the fields entry_of() hashes
+    return row
+
+
 def append_event(*, session: Session, action: str, outcome: str, actor: str = "", role: str = "",
                  resource: str = "", detail: dict[str, Any] | None = None, request_id: str = "",
                  at: datetime | None = None) -> AuditEvent:
     """Add the next link to the chain in the caller's transaction (the caller commits)."""
     _lock(session)
-    last = session.exec(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).first()
-    when = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    event = AuditEvent(seq=(last.seq + 1) if last else 1, at=when, prev_hash=last.hash if last else GENESIS,
-                       actor=actor[:128], role=role[:32], action=action[:128], resource=resource[:512],
-                       outcome=outcome[:64], detail=dict(detail or {}), request_id=request_id[:64], hash="")
-    event.hash = compute_hash(event.prev_hash, entry_of(event))
+    seq, prev_hash = _head(session)
+    event = AuditEvent(**_entry(seq + 1, prev_hash, action=action, outcome=outcome, actor=actor, role=role,
+                                resource=resource, detail=detail, request_id=request_id, at=at))
     session.add(event)
     session.flush()
     return event
 
 
-def record_event(*, engine: sa.Engine, **fields: Any) -> AuditEvent:
-    """Append one event in its own transaction (what the request middleware uses)."""
-    with Session(engine, expire_on_commit=False) as session:
-        if engine.dialect.name == "postgresql":
-            # the per-request trail: PostgreSQL returns before the WAL flush (a crash of the database
-            # server can lose the last fraction of a second of request events, never reorder or corrupt
-            # the chain); events written by the routes with their changes keep full durability
-            session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
-        event = append_event(session=session, **fields)
-        session.commit()
-        return event
+def append_events(*, session: Session, events: list[dict[str, Any]]) -> int:
+    """Add several links in order in the caller's transaction (one lock, one read of the head, one insert);
+    each item holds append_event's keyword arguments. The seq of the last one."""
+    _lock(session)
+    seq, prev_hash = _head(session)
+    rows = []
+    for fields in events:
+        seq += 1
+        rows.append(_entry(seq, prev_hash, **fields))
+        prev_hash = rows[-1]["hash"]
+    if rows:
+        session.execute(sa.insert(AuditEvent.__table__), rows)
+    return seq
 
 
 def verify_chain(events: Iterable[AuditEvent | dict[str, Any]], *, from_start: bool = True) -> ChainReport:

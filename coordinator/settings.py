@@ -42,6 +42,9 @@ class CoordinatorSettings(BaseSettings):
     suppression_min_count: int = Field(10, ge=1)
     canary_margin: float = Field(0.02, ge=0, le=1)
     db_retry_seconds: float = Field(10.0, ge=0)  # how long a request waits for the database to come back
+    # how long an API process trusts its last check that a token's user exists, is enabled and has the token's
+    # role: disabling a user or changing a role takes effect within this many seconds (0: check every request)
+    user_cache_seconds: float = Field(5.0, ge=0, le=60)
     # drift: a feature is flagged when a statistic exceeds its threshold (None: that statistic never flags);
     # PSI above 0.2 is the usual "major shift" rule of thumb
     drift_psi_threshold: float | None = Field(0.2, gt=0)

@@ -7,9 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from ..audit_writer import AuditWriter
 from ..db import create_tables, make_engine, with_retry
 from ..settings import CoordinatorSettings, get_settings
 from . import errors
+from .deps import UserCache
 from .middleware import Metrics, ServiceMiddleware
 from .routes import audit, auth, health, models, reports, runs, site_tokens, sites, studies
 
@@ -28,24 +30,27 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     """Build the app for `settings` (by default the cached get_settings()); tables are created at start."""
     settings = settings or get_settings()
     engine = make_engine(settings)
+    audit = AuditWriter(settings.db_url, retry=lambda write: with_retry(write, seconds=settings.db_retry_seconds))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         with_retry(lambda: create_tables(engine), seconds=max(settings.db_retry_seconds, 30))
         yield
+        audit.stop()
         engine.dispose()
 
     app = FastAPI(title="EvoClone coordinator", version="1", lifespan=lifespan,
                   summary="Sites, studies, runs and the model registry of a federated EvoClone study; "
                           "never a patient-level record.")
-    app.state.settings, app.state.engine, app.state.metrics = settings, engine, Metrics()
+    app.state.settings, app.state.engine, app.state.metrics, app.state.audit = settings, engine, Metrics(), audit
+    app.state.users = UserCache(settings.user_cache_seconds)
     from ..runs import retrain_launcher
 
     app.state.on_retrain = retrain_launcher(engine, enabled=settings.drift_auto_retrain)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(api_router())
-    app.add_middleware(ServiceMiddleware, settings=settings, engine=engine, metrics=app.state.metrics)
+    app.add_middleware(ServiceMiddleware, settings=settings, engine=engine, metrics=app.state.metrics, audit=audit)
     return app
 
 

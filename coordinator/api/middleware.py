@@ -1,5 +1,10 @@
 """One ASGI middleware around every request: request id, body limit, database retries, metrics, audit,
-and a generic 500 (never a traceback)."""
+and a generic 500 (never a traceback).
+
+Every request is appended to the audit chain before its response starts: the middleware holds the
+response's first message until the group-committing audit writer (audit_writer.py) has committed the
+request's event. When that fails, a response that would have served something becomes a 503; an error
+response (5xx) goes out as it is, logged as unaudited."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evoclone.federated.api_common import read_body, replay
 
-from ..audit import record_event
+from ..audit_writer import AuditWriter
 from ..db import is_transient
 from ..security import ACCESS, TokenError, decode_token
 
@@ -45,19 +50,20 @@ def route_template(scope: Scope) -> str:
     return getattr(context, "path", None) or getattr(scope.get("route"), "path", None) or "<unmatched>"
 
 
-async def _json(send: Send, status: int, body: dict) -> None:
-    """Answer with a JSON body (the caller's send adds X-Request-ID)."""
+async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> None:
+    """Answer with a JSON body (the caller's send adds X-Request-ID, or `headers` carry it)."""
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": data})
 
 
 class ServiceMiddleware:
     """Wraps the app: see the module docstring. Request bodies are read (bounded) but never stored."""
 
-    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics) -> None:
-        self.app, self.settings, self.engine, self.metrics = app, settings, engine, metrics
+    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics, audit: AuditWriter) -> None:
+        self.app, self.settings, self.engine, self.metrics, self.audit = app, settings, engine, metrics, audit
 
     def _caller(self, scope: Scope) -> tuple[str, str, str]:
         """(actor, role, note) from a bearer token, when one is sent."""
@@ -80,12 +86,22 @@ class ServiceMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         t0 = time.perf_counter()
-        sent = {"status": 500, "started": False}
+        sent = {"status": 500, "started": False, "audited": False, "dropped": False}
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                sent["status"], sent["started"] = message["status"], True
+                sent["status"], sent["audited"] = message["status"], True
+                audited = await self._audit(scope, rid, message["status"], time.perf_counter() - t0)
+                sent["started"] = True
+                if not audited and message["status"] < 500:  # never serve a request the trail does not hold
+                    sent["status"], sent["dropped"] = 503, True
+                    await _json(send, 503, {"detail": "the database is not reachable; retry in a few seconds "
+                                                      f"(the request could not be audited; request id {rid})"},
+                                headers=((b"x-request-id", rid.encode()),))
+                    return
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif sent["dropped"]:
+                return
             await send(message)
 
         try:
@@ -93,7 +109,10 @@ class ServiceMiddleware:
             if body is not None:
                 await self._call_with_retries(scope, body, receive, send_wrapper, rid, sent)
         finally:
-            await self._observe(scope, rid, sent["status"], time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._observe(scope, sent["status"], seconds)
+            if not sent["audited"]:  # no response was sent (the client went away): the request is still recorded
+                await self._audit(scope, rid, sent["status"], seconds)
 
     async def _read_body(self, headers: dict, receive: Receive, send: Send, scope: Scope) -> bytes | None:
         """The whole body, or None after answering 413 (model uploads have their own, larger limit)."""
@@ -131,30 +150,29 @@ class ServiceMiddleware:
                                         "request_id": rid})
                 return
 
-    async def _observe(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
-        """Metrics by route template, then one audit event (never the body)."""
-        route = route_template(scope)
-        method = scope.get("method", "")
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        """Metrics by route template."""
+        route, method = route_template(scope), scope.get("method", "")
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(method, route).observe(seconds)
+
+    async def _audit(self, scope: Scope, rid: str, status: int, seconds: float) -> bool:
+        """Append the request's event (never the body) and wait for its commit; False when it failed."""
+        method = scope.get("method", "")
         state = scope.get("state", {})
-        actor, role, note = self._caller(scope)
-        actor, role = state.get("actor", actor), state.get("role", role)
+        actor, role, note = state.get("actor"), state.get("role", ""), ""
+        if actor is None:  # no dependency named the caller: say who the token claims to be, or why it failed
+            actor, role, note = self._caller(scope)
         detail = {"method": method, "path": scope.get("path", "")[:512], "status": status,
                   "ms": round(seconds * 1000, 1)}
         if note:
             detail["note"] = note
         outcome = "ok" if status < 400 else "denied" if status in (401, 403) else "error" if status >= 500 \
             else "rejected"
-        fields = dict(action=f"http.{method.lower()}", resource=route, outcome=outcome, actor=actor, role=role,
-                      detail=detail, request_id=rid)
-
-        def write() -> None:
-            from ..db import with_retry
-
-            with_retry(lambda: record_event(engine=self.engine, **fields), seconds=self.settings.db_retry_seconds)
-
         try:
-            await anyio.to_thread.run_sync(write)
-        except Exception:  # noqa: BLE001 (the response is gone; the failure is logged loudly instead)
-            log.exception("request %s could not be audited", rid)
+            await self.audit.record(action=f"http.{method.lower()}", resource=route_template(scope), outcome=outcome,
+                                    actor=actor, role=role, detail=detail, request_id=rid)
+        except Exception:  # noqa: BLE001 (the writer logged why; the caller decides what to answer)
+            log.error("request %s could not be audited", rid)
+            return False
+        return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, HTTPException, Request, status
 
@@ -61,11 +62,11 @@ class Caller:
     site: Site | None = None
 
 
-def get_caller(request: Request, session: SessionDep, settings: SettingsDep, token: TokenDep) -> Caller:
+async def get_caller(request: Request, session: SessionDep, settings: SettingsDep, token: TokenDep) -> Caller:
     """A site when a site token is presented, else the user of an access token; 401 otherwise."""
     if is_site_token(token):
-        return Caller(site=get_current_site(request, session, token))
-    return Caller(user=get_current_user(request, session, settings, token))
+        return Caller(site=await anyio.to_thread.run_sync(get_current_site, request, session, token))
+    return Caller(user=await get_current_user(request, session, settings, token))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
