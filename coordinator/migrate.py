@@ -9,8 +9,6 @@ tables it lacks created (as create_all did), then stamped at 0001 and upgraded f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.resources import files
 
 import sqlalchemy as sa
@@ -21,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from evoclone.federated.stores.backup import backup_sqlite  # noqa: F401  (`evoclone coordinator migrate --backup`)
+from evoclone.federated.stores.schema_lock import exclusive
 
 BASE = "0001"  # the revision whose schema create_all made before migrations existed
 _LOCK_KEY = 0x65766F636F6F7264  # "evocoord": the PostgreSQL advisory lock that serialises migrations
@@ -52,29 +51,13 @@ def head() -> str:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
-@contextmanager
-def _exclusive(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """A connection inside a transaction that one migrating process holds at a time (committed on success)."""
-    with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's write lock; others wait (busy timeout, then retry)
-        elif conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
-
-
 def upgrade(engine: sa.Engine, revision: str = "head") -> str | None:
     """Run every pending migration on `engine` in one transaction; the revision the database is at afterwards.
 
     Raises SchemaError for a database at a revision this release does not know, or with coordinator tables
     but no migration history that differ from revision 0001.
     """
-    with _exclusive(engine) as conn:
+    with exclusive(engine, lock_key=_LOCK_KEY) as conn:
         cfg = _config(conn)
         script = ScriptDirectory.from_config(cfg)
         at = MigrationContext.configure(conn).get_current_revision()

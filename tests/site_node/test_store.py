@@ -107,3 +107,32 @@ def test_migrations_create_exactly_the_orm_schema(db_url):
         diff = compare_metadata(MigrationContext.configure(c), site)
     assert [d for d in diff if "event_log" not in str(d)] == []
     engine.dispose()
+
+
+def test_processes_opening_a_new_site_database_together_migrate_it_once(db_url):
+    """The SuperNode, a ClientApp and the API may open a new site database at once: one migrates, in one
+    transaction, the others wait and find it current."""
+    import threading
+
+    from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.migrate import current, upgrade
+
+    engines = [make_engine(db_url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def start(e) -> None:
+        try:
+            upgrade(e)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and {current(e) for e in engines} == {"0004"}
+    with engines[0].connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+    for e in engines:
+        e.dispose()
