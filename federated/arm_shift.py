@@ -1,29 +1,38 @@
-"""The arm's effect re-estimated on top of a trained fusion ensemble: per-arm shifts of its outputs.
+"""The arm's effect re-estimated on top of a trained fusion ensemble: one multiplier per arm.
 
-Networks trained with early stopping (and DP noise) learn a treatment's effect shrunk
-towards none: the arm is one input among many and its share of the loss is small. After
-training, EvoClone re-fits two numbers by maximum likelihood with the ensemble's own
-predictions as an offset: a shift gamma_a of every output logit (discrete-time hazard
-logits, or the binary logit) for the patients of arm a. gamma_1 - gamma_0 is then an
-unpenalized estimate of the arm's log-hazard (log-odds) effect adjusted for the network's
-prognosis, the model's twins carry it, and the prognostic part of the network is untouched.
+Networks trained with early stopping (and DP noise) learn a treatment's effect shrunk towards
+none: the arm is one input among many and its share of the loss is small. After training,
+EvoClone re-fits one number per arm by maximum likelihood with the ensemble's own
+predictions as an offset, and the model applies it to that arm's patients:
 
-The likelihood is the one the ensemble was trained on (discrete-time logistic hazard, or
-Bernoulli), averaged over members. Each patient adds a score U_i = sum of (y - h) over the
-terms it is at risk in, and an information I_i = sum of h(1 - h), to its own arm's sums, so:
+- time to event: the cumulative hazard of every bin is multiplied by exp(gamma_a), i.e. each
+  bin's survival S becomes S ** exp(gamma_a) (proportional hazards). gamma_a is the maximum
+  likelihood estimate of a Poisson (piecewise-exponential) model with the network's
+  cumulative hazard as exposure: log(O_a / E_a), observed over expected events, in closed
+  form, however badly the network's baseline is calibrated;
+- binary: the logit is shifted by gamma_a (Newton's method on the Bernoulli likelihood).
 
-- centrally, without DP, Newton's method on the pooled sums converges in a few steps;
-- federated, each site sends (U_0, I_0, U_1, I_1) once, per-patient contributions clipped
-  to [-c, c] and [0, c] and Gaussian noise added: L2 sensitivity c * sqrt(2) per patient
-  (one patient moves one arm's pair by at most c each). That is one Gaussian mechanism
-  with sample rate 1, charged to the site's ledger and composed by its Opacus accountant
-  with the run's training; the coordinator takes one Newton step from 0 on the sums.
+gamma_1 - gamma_0 is then an unpenalized estimate of the arm's log-hazard (log-odds) effect
+adjusted for the network's prognosis; the twins carry it and the network is untouched. The
+ensemble's members are averaged. Each patient adds (O_i, E_i), or a score and information
+(U_i, I_i), to its own arm's sums, so:
+
+- centrally, without DP, the sums give the estimate exactly;
+- federated, each site sends its four sums once, per-patient terms bounded (O_i and U_i lie in
+  [-1, 1] by construction, E_i and I_i are clipped to [0, c]) and Gaussian noise added: L2
+  sensitivity sqrt(1 + c**2) per patient (one patient moves one arm's pair). That is one
+  Gaussian mechanism with sample rate 1, charged to the site's ledger and composed by its
+  Opacus accountant with the run's training; the coordinator applies the estimator to the
+  summed noisy sums (for binary endpoints, one Newton step from 0).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .models.fusion import bin_index
 
@@ -60,66 +69,99 @@ def _terms(cfg, time: torch.Tensor, event: torch.Tensor) -> tuple[torch.Tensor, 
     return at_risk.double(), y
 
 
-def patient_scores(ensemble, arrays: dict[str, np.ndarray], *, shift: tuple[float, float] = (0.0, 0.0)
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(arm, U, I) per patient at the given per-arm shifts, averaged over the ensemble's members."""
+def apply(endpoint: str, logits: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Outputs with a per-row gamma applied: survival per bin raised to exp(gamma), or the logit shifted."""
+    if endpoint != "time_to_event":
+        return logits + gamma
+    log_surv = F.logsigmoid(-logits) * torch.exp(gamma)  # log S' = exp(gamma) log S
+    return torch.log(torch.clamp(-torch.expm1(log_surv), min=1e-30)) - log_surv  # logit of h' = 1 - S'
+
+
+def patient_terms(ensemble, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(arm, a, b) per patient at the unshifted model, averaged over members: observed events and expected
+    events (cumulative hazard over the bins at risk) for time to event; score y - p and information p(1 - p)
+    for binary."""
     cfg = ensemble.cfg
     if cfg.endpoint not in ENDPOINTS:
         raise ValueError(f"arm shifts are fitted for {ENDPOINTS} endpoints, not {cfg.endpoint}")
-    saved, ensemble.arm_shift = ensemble.arm_shift, None  # scores around the unshifted offset
+    saved, ensemble.arm_shift = ensemble.arm_shift, None
     try:
         z = torch.as_tensor(ensemble.member_outputs(arrays), dtype=torch.float64)  # (M, B, out)
     finally:
         ensemble.arm_shift = saved
     arm = np.asarray(arrays["static"][:, ensemble.arm_column] > 0.5, dtype=np.int64)
-    z = z + torch.as_tensor(np.where(arm == 1, shift[1], shift[0]), dtype=torch.float64)[None, :, None]
-    h = torch.sigmoid(z)
     if cfg.endpoint == "time_to_event":
         at_risk, y = _terms(cfg, torch.as_tensor(arrays["time"], dtype=torch.float32),
                             torch.as_tensor(arrays["event"], dtype=torch.float32))
-        u = ((y[None] - h) * at_risk[None]).sum(dim=2)
-        info = (h * (1 - h) * at_risk[None]).sum(dim=2)
-    else:
-        y = torch.as_tensor(arrays["binary"], dtype=torch.float64)
-        u, info = y[None] - h[..., 0], (h * (1 - h))[..., 0]
-    return arm, u.mean(dim=0).numpy(), info.mean(dim=0).numpy()
+        observed = (y * at_risk).sum(dim=1).expand(z.shape[0], -1)
+        expected = (-F.logsigmoid(-z) * at_risk[None]).sum(dim=2)
+        return arm, observed.mean(dim=0).numpy(), expected.mean(dim=0).numpy()
+    p = torch.sigmoid(z[..., 0])
+    y = torch.as_tensor(arrays["binary"], dtype=torch.float64)
+    return arm, (y[None] - p).mean(dim=0).numpy(), (p * (1 - p)).mean(dim=0).numpy()
 
 
-def arm_sums(ensemble, arrays: dict[str, np.ndarray], *, clip: float | None = None,
-             shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """[U_0, I_0, U_1, I_1]: each arm's score and information sums (per-patient terms clipped when `clip`)."""
-    arm, u, info = patient_scores(ensemble, arrays, shift=shift)
+def arm_sums(ensemble, arrays: dict[str, np.ndarray], *, clip: float | None = None) -> np.ndarray:
+    """[a_0, b_0, a_1, b_1]: each arm's sums of the patient terms (b clipped to [0, clip] when `clip`)."""
+    arm, a, b = patient_terms(ensemble, arrays)
+    a = np.clip(a, -1.0, 1.0)  # already within: O_i is 0 or 1, y - p lies in [-1, 1]
     if clip is not None:
-        u, info = np.clip(u, -clip, clip), np.clip(info, 0.0, clip)
-    return np.array([u[arm == 0].sum(), info[arm == 0].sum(), u[arm == 1].sum(), info[arm == 1].sum()])
+        b = np.clip(b, 0.0, clip)
+    return np.array([a[arm == 0].sum(), b[arm == 0].sum(), a[arm == 1].sum(), b[arm == 1].sum()])
 
 
-def newton_step(sums: np.ndarray) -> tuple[float, float] | None:
-    """(gamma_0, gamma_1) = U_a / I_a; None when either arm's information is too small to estimate."""
-    u0, i0, u1, i1 = (float(x) for x in sums)
-    if i0 < MIN_INFORMATION or i1 < MIN_INFORMATION:
+def estimate(endpoint: str, sums: np.ndarray) -> tuple[float, float] | None:
+    """(gamma_0, gamma_1) from the sums: log(O/E) per arm, or one Newton step U/I; None when an arm has too
+    few (noisy) events or too little information to estimate."""
+    a0, b0, a1, b1 = (float(x) for x in sums)
+    if endpoint == "time_to_event":
+        if min(a0, b0, a1, b1) < MIN_INFORMATION:
+            return None
+        return math.log(a0 / b0), math.log(a1 / b1)
+    if b0 < MIN_INFORMATION or b1 < MIN_INFORMATION:
         return None
-    return u0 / i0, u1 / i1
+    return a0 / b0, a1 / b1
 
 
 def fit_arm_shift(ensemble, arrays: dict[str, np.ndarray], *, iterations: int = 50, tol: float = 1e-10
                   ) -> tuple[float, float] | None:
-    """Maximum-likelihood per-arm shifts on pooled data (no DP): Newton's method from (0, 0), each step capped
-    at 1 (the likelihood is concave in the shifts, so capped Newton steps converge). None without an arm's data."""
-    shift = np.zeros(2)
-    for _ in range(iterations):
-        u0, i0, u1, i1 = arm_sums(ensemble, arrays, shift=(float(shift[0]), float(shift[1])))
-        if i0 <= 1e-12 or i1 <= 1e-12:
+    """Maximum-likelihood gammas on pooled data (no DP): closed form for time to event; for binary, Newton's
+    method from 0 with steps capped at 1 (the likelihood is concave). None without an arm's data."""
+    cfg = ensemble.cfg
+    if cfg.endpoint == "time_to_event":
+        a0, b0, a1, b1 = arm_sums(ensemble, arrays)
+        if min(a0, b0, a1, b1) <= 0:
             return None
-        step = np.clip([u0 / i0, u1 / i1], -1.0, 1.0)
-        shift += step
+        return math.log(a0 / b0), math.log(a1 / b1)
+    arm, _, _ = patient_terms(ensemble, arrays)
+    if arm.min() == arm.max():
+        return None
+    saved, ensemble.arm_shift = ensemble.arm_shift, None
+    try:
+        z = torch.as_tensor(ensemble.member_outputs(arrays), dtype=torch.float64)[..., 0]  # (M, B)
+    finally:
+        ensemble.arm_shift = saved
+    y = torch.as_tensor(arrays["binary"], dtype=torch.float64)
+    treated = torch.as_tensor(arm == 1)
+    gamma = np.zeros(2)
+    for _ in range(iterations):
+        p = torch.sigmoid(z + torch.where(treated, gamma[1], gamma[0]))
+        u, info = (y[None] - p).mean(dim=0), (p * (1 - p)).mean(dim=0)
+        step = np.clip([float(u[~treated].sum() / info[~treated].sum()),
+                        float(u[treated].sum() / info[treated].sum())], -1.0, 1.0)
+        gamma += step
         if np.abs(step).max() < tol:
             break
-    return float(shift[0]), float(shift[1])
+    return float(gamma[0]), float(gamma[1])
+
+
+def sensitivity(clip: float) -> float:
+    """L2 sensitivity of a site's four sums to one patient: its a-term in [-1, 1] and b-term in [0, clip]."""
+    return math.sqrt(1.0 + clip ** 2)
 
 
 def noised_sums(ensemble, arrays: dict[str, np.ndarray], *, clip: float, noise_multiplier: float,
                 rng: np.random.Generator) -> np.ndarray:
-    """The site's clipped sums with Gaussian noise of sd noise_multiplier * clip * sqrt(2) on each coordinate."""
+    """The site's bounded sums with Gaussian noise of sd noise_multiplier * sensitivity(clip) on each coordinate."""
     sums = arm_sums(ensemble, arrays, clip=clip)
-    return sums + rng.normal(0.0, noise_multiplier * clip * np.sqrt(2.0), size=4)
+    return sums + rng.normal(0.0, noise_multiplier * sensitivity(clip), size=4)

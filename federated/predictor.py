@@ -166,7 +166,7 @@ class FusionEnsemble:
         self.residual_sd = float(residual_sd)
         self.tertiles = tertiles
         self.thresholds = tuple(thresholds)
-        # per-arm shifts of every output logit (federated.arm_shift): (control, treatment), by the static arm column
+        # per-arm effects re-estimated after training (federated.arm_shift): (control, treatment) by the arm column
         self.arm_column = arm_column
         self.arm_shift = tuple(arm_shift) if arm_shift is not None else None
         if self.arm_shift is not None and arm_column is None:
@@ -184,9 +184,12 @@ class FusionEnsemble:
             logits, _ = model(static, visits, lengths)  # (B, out_dim)
             out.append(a * logits + b)
         z = torch.stack(out)
-        if self.arm_shift is not None:
+        if self.arm_shift is not None:  # federated.arm_shift: each arm's effect re-estimated after training
+            from .arm_shift import apply
+
             treated = static[:, self.arm_column] > 0.5
-            z = z + torch.where(treated, self.arm_shift[1], self.arm_shift[0]).to(z.dtype)[None, :, None]
+            gamma = torch.where(treated, self.arm_shift[1], self.arm_shift[0]).to(z.dtype)[None, :, None]
+            z = apply(self.cfg.endpoint, z, gamma)
         return z
 
     def member_outputs(self, arrays: dict[str, np.ndarray], batch_size: int = 512) -> np.ndarray:

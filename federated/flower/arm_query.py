@@ -1,8 +1,8 @@
 """The site's answer to the post-training arm-effect query (federated.arm_shift), charged to its ledger once.
 
-The final model's per-arm score and information sums over the site's patients with the
-endpoint (training and validation splits), each patient's terms clipped, with Gaussian
-noise: one Gaussian mechanism (sample rate 1, one step). Its noise multiplier is the
+The final model's per-arm sums over the site's patients with the endpoint (training and
+validation splits): observed and expected events, or score and information; each patient's
+terms bounded, with Gaussian noise: one Gaussian mechanism (sample rate 1, one step). Its noise multiplier is the
 smallest that keeps the site's spend for this run within the run's target epsilon, composed
 by the ledger's Opacus accountant with the run's training rounds (which left
 `arm-shift-share` of the target for it). The charge is the run's round 0. The noised sums

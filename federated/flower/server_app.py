@@ -380,9 +380,10 @@ def _stalled(rounds: list[dict], patience: int, min_delta: float) -> bool:
 
 
 def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, min_nodes: int) -> dict:
-    """Per-arm output shifts of the final model from the sites' noised score and information sums (one Newton
-    step, federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what happened."""
-    from ..arm_shift import newton_step
+    """Per-arm gammas of the final model from the sites' noised sums (observed and expected events, or score and
+    information; federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what
+    happened."""
+    from ..arm_shift import estimate
 
     cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
                         "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 1.0))})
@@ -412,7 +413,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     doc = {"participation": sorted(participation, key=lambda p: p["site"]), "sites": ok}
     if ok < min_nodes:
         return {**doc, "status": "skipped", "reason": f"only {ok} sites answered, fewer than min-nodes {min_nodes}"}
-    step = newton_step(total)
+    step = estimate(str(rc["endpoint"]), total)
     if step is None:
         return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
     return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0]}

@@ -1,6 +1,7 @@
-"""The arm's effect re-estimated on a trained ensemble (federated.arm_shift): the per-arm shifts equal a
-statsmodels GLM with the network as offset, shift only the chosen arm's outputs, survive saving, and the
-site's noised sums have the documented sensitivity and noise."""
+"""The arm's effect re-estimated on a trained ensemble (federated.arm_shift): the per-arm gammas equal a
+statsmodels GLM with the network as offset (Poisson on observed and expected events, Bernoulli on the logit),
+act only on the chosen arm's outputs (proportional hazards, or a logit shift), survive saving, and the site's
+noised sums have the documented sensitivity and noise."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import statsmodels.api as sm
 import torch
 
-from evoclone.federated.arm_shift import _terms, arm_sums, fit_arm_shift, newton_step, noised_sums, query_share
+from evoclone.federated.arm_shift import _terms, arm_sums, estimate, fit_arm_shift, noised_sums, query_share, \
+    sensitivity
 from evoclone.federated.models.fusion import FusionConfig
 from evoclone.federated.predictor import FusionEnsemble
 from evoclone.federated.training import build_model
@@ -36,19 +38,19 @@ def _data(endpoint: str, n: int = 600, seed: int = 0) -> tuple[FusionEnsemble, d
 
 
 def _reference(ens: FusionEnsemble, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """statsmodels: Bernoulli GLM of the likelihood's terms, arm indicators as the only covariates, the
-    ensemble's logits as offset (person-period rows for discrete time)."""
+    """statsmodels with the arm indicators as the only covariates and the network as offset: a Poisson GLM of
+    each patient's events with its cumulative hazard over the bins at risk as exposure (time to event), or a
+    Binomial GLM with the logit as offset (binary)."""
     z = ens.member_outputs(arrays)[0].astype(np.float64)  # (B, out)
     arm = arrays["static"][:, ARM] > 0.5
+    X = np.column_stack([~arm, arm]).astype(float)
     if ens.cfg.endpoint == "time_to_event":
-        at_risk, y = (t.numpy().astype(bool) for t in _terms(ens.cfg, torch.as_tensor(arrays["time"]),
-                                                               torch.as_tensor(arrays["event"])))
-        rows, cols = np.nonzero(at_risk)
-        yy, off, a = y.astype(float)[rows, cols], z[rows, cols], arm[rows]
-    else:
-        yy, off, a = arrays["binary"].astype(float), z[:, 0], arm
-    X = np.column_stack([~a, a]).astype(float)
-    fit = sm.GLM(yy, X, family=sm.families.Binomial(), offset=off).fit(tol=1e-12)
+        at_risk, y = (t.numpy() for t in _terms(ens.cfg, torch.as_tensor(arrays["time"]),
+                                                torch.as_tensor(arrays["event"])))
+        events = (y * at_risk).sum(axis=1)
+        exposure = (np.log1p(np.exp(z)) * at_risk).sum(axis=1)  # -log(1 - sigmoid(z)) per bin at risk
+        return sm.GLM(events, X, family=sm.families.Poisson(), exposure=exposure).fit(tol=1e-12).params
+    fit = sm.GLM(arrays["binary"].astype(float), X, family=sm.families.Binomial(), offset=z[:, 0]).fit(tol=1e-12)
     return fit.params
 
 
@@ -57,37 +59,43 @@ def test_the_shifts_are_the_maximum_likelihood_fit_with_the_network_as_offset(en
     ens, arrays = _data(endpoint)
     shift = fit_arm_shift(ens, arrays)
     assert shift == pytest.approx(tuple(_reference(ens, arrays)), abs=1e-6)
-    assert np.abs(arm_sums(ens, arrays, shift=shift)[[0, 2]]).max() < 1e-6  # the score is zero there
-    # applied: only the treated rows' outputs move, by gamma_1; the control rows by gamma_0
+    # applied to each arm's rows only: the cumulative hazard scaled by exp(gamma) (proportional hazards), or
+    # the logit shifted by gamma
     before = ens.member_outputs(arrays)
     ens.arm_shift = shift
     after = ens.member_outputs(arrays)
     treated = arrays["static"][:, ARM] > 0.5
-    assert np.allclose(after[:, treated] - before[:, treated], shift[1], atol=1e-5)
-    assert np.allclose(after[:, ~treated] - before[:, ~treated], shift[0], atol=1e-5)
+    for rows, gamma in ((treated, shift[1]), (~treated, shift[0])):
+        if endpoint == "time_to_event":
+            cum = lambda z: np.log1p(np.exp(z)).sum(axis=-1)  # noqa: E731 (-sum log S over the bins)
+            assert np.allclose(cum(after[:, rows]), np.exp(gamma) * cum(before[:, rows]), rtol=1e-4)
+        else:
+            assert np.allclose(after[:, rows] - before[:, rows], gamma, atol=1e-5)
     # and kept with the model
     again = FusionEnsemble.from_state(ens.meta(), ens.state_tensors())
     assert again.arm_shift == pytest.approx(shift) and again.arm_column == ARM
     assert np.allclose(again.member_outputs(arrays), after, atol=1e-6)
 
 
-def test_one_newton_step_from_the_sums_and_too_little_information():
-    assert newton_step(np.array([2.0, 4.0, -3.0, 6.0])) == (0.5, -0.5)
-    assert newton_step(np.array([2.0, 4.0, -0.1, 0.5])) is None  # an arm with almost no information
+def test_the_estimator_from_summed_sums_and_too_little_information():
+    assert estimate("binary", np.array([2.0, 4.0, -3.0, 6.0])) == (0.5, -0.5)  # one Newton step U / I
+    assert estimate("binary", np.array([2.0, 4.0, -0.1, 0.5])) is None  # an arm with almost no information
+    assert estimate("time_to_event", np.array([30.0, 20.0, 10.0, 20.0])) == pytest.approx((np.log(1.5), np.log(0.5)))
+    assert estimate("time_to_event", np.array([30.0, 20.0, -2.0, 20.0])) is None  # noise ate the arm's events
 
 
-def test_a_patient_moves_the_clipped_sums_by_at_most_the_clip_and_the_noise_has_the_documented_sd():
+def test_a_patient_moves_the_sums_by_at_most_the_sensitivity_and_the_noise_has_the_documented_sd():
     ens, arrays = _data("time_to_event", n=300)
     clip = 1.0
     base = arm_sums(ens, arrays, clip=clip)
-    for i in range(20):  # removing any one patient changes one arm's (U, I) by at most clip each
+    for i in range(20):  # removing any one patient changes one arm's pair by at most the sensitivity
         keep = np.arange(len(arrays["static"])) != i
         diff = np.abs(base - arm_sums(ens, {k: v[keep] for k, v in arrays.items()}, clip=clip))
-        assert diff.max() <= clip + 1e-9 and np.count_nonzero(diff > 1e-12) <= 2
+        assert np.linalg.norm(diff) <= sensitivity(clip) + 1e-9 and np.count_nonzero(diff > 1e-12) <= 2
     rng = np.random.default_rng(0)
     draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=3.0, rng=rng) for _ in range(400)])
     assert draws.mean(axis=0) == pytest.approx(base, abs=1.5)
-    assert draws.std(axis=0) == pytest.approx(np.full(4, 3.0 * clip * np.sqrt(2)), rel=0.15)
+    assert draws.std(axis=0) == pytest.approx(np.full(4, 3.0 * np.sqrt(1 + clip ** 2)), rel=0.15)
 
 
 def test_query_share_applies_to_fusion_time_to_event_and_binary_only():
