@@ -5,17 +5,23 @@ fusion ensemble, installs them as a coordinator-signed bundle, serves the site A
 `evoclone.site_node.service.serve` in a subprocess on loopback, and runs C concurrent clients
 (asyncio + httpx, keep-alive, a clinician service-account token) for D seconds. Each request is a
 cached twin lookup (warmed first), an uncached prediction (a (patient, arm) never asked before) or
-an uncached generation (a fresh seed). `/health` is the in-run baseline. Targets: zero errors,
-cached twin lookup p99 under 20 ms.
+an uncached generation (a fresh seed). `/health` is the in-run baseline; the server columns are the
+API's own time per request (its Server-Timing header), so the client's queueing shows as the
+difference. Targets: zero errors, cached twin lookup p99 under 20 ms. One load-generator process
+can itself be what limits the rate on a small machine: `--procs N` spreads the same clients and
+mix over N processes. The clients start spread over the first second (`--ramp`, 0: all at the
+same instant, a burst that a real clinic never sends); every request counts.
 
-    python benchmarks/bench_site_api.py --clients 50 --seconds 60
+    python benchmarks/bench_site_api.py --clients 50 --seconds 60 [--ramp 0] [--procs 2] [--cached-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
+import multiprocessing
 import os
 import random
 import signal
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -32,6 +39,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM = 40  # patients whose twins are cached before the run
+SETTLE = 5.0  # seconds after which the clients are in the mix's steady state (reported on a line of its own)
 
 
 def _site(tmp: Path, patients: int) -> tuple[Path, list[str], str]:
@@ -88,27 +96,45 @@ def _serve(site_dir: Path, port: int, workers: int) -> subprocess.Popen:
     raise RuntimeError("the site API did not start within 30 s")
 
 
+async def _warm(base: str, token: str, pseudonyms: list[str], count: int) -> None:
+    """Cache the twins of the first WARM patients: they are what the cached lookups read."""
+    headers = {"Authorization": f"Bearer {token}", "X-Access-Reason": "research"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
+        for p in pseudonyms[:WARM]:
+            r = await http.post(f"/api/v1/patients/{p}/twins", json={"arm": "treatment", "count": count})
+            r.raise_for_status()
+
+
 async def _run(base: str, token: str, pseudonyms: list[str], clients: int, seconds: float, count: int,
-               cached_only: bool = False) -> dict:
+               cached_only: bool = False, part: int = 0, parts: int = 1, start_at: float = 0.0,
+               ramp: float = 0.0) -> dict:
+    """`clients` closed-loop clients (no think time) of load generator `part` of `parts` (each its own patients
+    and seeds for the uncached requests, so no two ask the same thing)."""
     headers = {"Authorization": f"Bearer {token}", "X-Access-Reason": "research"}
     warm = pseudonyms[:WARM]
-    fresh = itertools.cycle([(p, arm) for p in pseudonyms[WARM:] for arm in ("control", "treatment")])
+    fresh = itertools.cycle([(p, arm) for p in pseudonyms[WARM:][part::parts] for arm in ("control", "treatment")])
     used_predictions: set = set()
-    seeds = itertools.count(1)
+    seeds = itertools.count(1 + part, parts)
     lat: dict[str, list[float]] = {"cached twin lookup": [], "uncached prediction": [], "uncached generation": [],
                                    "/health (baseline)": []}
     errors: dict[str, int] = {k: 0 for k in lat}
+    server: dict[str, list[float]] = {k: [] for k in lat}  # the API's own time (Server-Timing), where it says
+    settled: list[float] = []  # cached lookups sent after the first SETTLE seconds (the steady state)
+    why: collections.Counter = collections.Counter()
     cache_misses = {"cached twin lookup": 0}
     twins = [0]
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
                                  limits=httpx.Limits(max_connections=clients + 5)) as http:
-        for p in warm:  # warm the cache: these twins are what the cached lookups read
-            r = await http.post(f"/api/v1/patients/{p}/twins", json={"arm": "treatment", "count": count})
-            r.raise_for_status()
+        await asyncio.sleep(max(0.0, start_at - time.time()))  # load-generator processes start together
+        # then every client opens its keep-alive connection (unmeasured): the run measures requests, not TCP
+        # setup; just before the start, since the server closes a connection idle for 5 s
+        await asyncio.gather(*(http.get("/health") for _ in range(clients)))
         deadline = time.perf_counter() + seconds
-        rng = random.Random(7)
+        settle = deadline - seconds + SETTLE
+        rng = random.Random(7 + part)
 
-        async def client() -> None:
+        async def client(i: int) -> None:
+            await asyncio.sleep(ramp * (i * parts + part) / (clients * parts))  # the ramp: starts spread evenly
             while time.perf_counter() < deadline:
                 x = rng.random()
                 if cached_only:  # 95% cached lookups, 5% the baseline
@@ -120,7 +146,7 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                     p, arm = next(fresh)
                     kind = "uncached prediction" if (p, arm) not in used_predictions else "cached prediction"
                     used_predictions.add((p, arm))
-                    lat.setdefault(kind, []), errors.setdefault(kind, 0)
+                    lat.setdefault(kind, []), errors.setdefault(kind, 0), server.setdefault(kind, [])
                     req = http.get(f"/api/v1/patients/{p}/prediction", params={"arm": arm})
                 elif x < 0.95:
                     kind, req = "uncached generation", http.post(
@@ -132,9 +158,17 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                 try:
                     r = await req
                     ok = r.status_code == 200
-                except httpx.HTTPError:
+                    if not ok:
+                        why[f"{kind}: HTTP {r.status_code} {r.text[:120]}"] += 1
+                except httpx.HTTPError as exc:
                     ok, r = False, None
+                    why[f"{kind}: {type(exc).__name__}"] += 1
                 lat[kind].append(time.perf_counter() - t0)
+                if kind == "cached twin lookup" and t0 >= settle:
+                    settled.append(lat[kind][-1])
+                timing = r.headers.get("server-timing", "") if r is not None else ""
+                if timing.startswith("app;dur="):
+                    server[kind].append(float(timing[8:]) / 1000)
                 if not ok:
                     errors[kind] += 1
                 elif kind == "cached twin lookup" and r.headers.get("x-cache") != "hit":
@@ -143,9 +177,39 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                     twins[0] += r.json()["passed"]
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - start
-    return {"lat": lat, "errors": errors, "wall": wall, "twins": twins[0], "misses": cache_misses}
+    return {"lat": lat, "errors": errors, "wall": wall, "twins": twins[0], "misses": cache_misses, "why": why,
+            "server": server, "settled": settled}
+
+
+def _part(args: tuple) -> dict:
+    """One load-generator process: its share of the clients (run in a child process)."""
+    return asyncio.run(_run(*args))
+
+
+def _load(base: str, token: str, pseudonyms: list[str], clients: int, seconds: float, count: int,
+          cached_only: bool, procs: int, ramp: float) -> dict:
+    """Warm the cache, then run the clients in one process (the default) or spread over `procs` processes."""
+    asyncio.run(_warm(base, token, pseudonyms, count))
+    if procs <= 1:
+        return asyncio.run(_run(base, token, pseudonyms, clients, seconds, count, cached_only, ramp=ramp))
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    start_at = time.time() + 5  # time for every process to start and import
+    jobs = [(base, token, pseudonyms, n, seconds, count, cached_only, i, procs, start_at, ramp)
+            for i, n in enumerate(shares) if n]
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_part, jobs))
+    merged = {"lat": {}, "errors": {}, "server": {}, "wall": max(r["wall"] for r in parts), "twins": sum(r["twins"] for r in parts),
+              "misses": {"cached twin lookup": sum(r["misses"]["cached twin lookup"] for r in parts)},
+              "why": sum((r["why"] for r in parts), collections.Counter()),
+              "settled": [x for r in parts for x in r["settled"]]}
+    for r in parts:
+        for kind, values in r["lat"].items():
+            merged["lat"].setdefault(kind, []).extend(values)
+            merged["server"].setdefault(kind, []).extend(r["server"][kind])
+            merged["errors"][kind] = merged["errors"].get(kind, 0) + r["errors"][kind]
+    return merged
 
 
 def main() -> None:
@@ -158,6 +222,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--port", type=int, default=18471)
     ap.add_argument("--cached-only", action="store_true", help="only cached lookups (and the /health baseline)")
+    ap.add_argument("--ramp", type=float, default=1.0,
+                    help="seconds over which the clients start, evenly spread (0: all at the same instant)")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="spread the clients over this many load-generator processes (same mix, no think time)")
     args = ap.parse_args()
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,24 +233,33 @@ def main() -> None:
         site_dir, pseudonyms, token = _site(Path(tmp), args.patients)
         proc = _serve(site_dir, args.port, args.workers)
         try:
-            res = asyncio.run(_run(f"http://127.0.0.1:{args.port}", token, pseudonyms, args.clients, args.seconds,
-                                   args.count, args.cached_only))
+            res = _load(f"http://127.0.0.1:{args.port}", token, pseudonyms, args.clients, args.seconds, args.count,
+                        args.cached_only, args.procs, args.ramp)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-    table = Table(title=f"site API: {args.clients} clients, {res['wall']:.0f} s, loopback, {args.workers} worker(s)")
-    for col in ("request", "n", "errors", "p50 ms", "p99 ms", "req/s"):
+    table = Table(title=f"site API: {args.clients} clients in {args.procs} process(es), started over {args.ramp:g} s, "
+                        f"{res['wall']:.0f} s, loopback, {args.workers} worker(s)")
+    for col in ("request", "n", "errors", "p50 ms", "p99 ms", "req/s", "server p50 ms", "server p99 ms"):
         table.add_column(col, justify="left" if col == "request" else "right")
     for kind, values in res["lat"].items():
         if not values:
             continue
-        ms = np.array(values) * 1000
+        ms, own = np.array(values) * 1000, np.array(res["server"][kind]) * 1000
         table.add_row(kind, str(len(ms)), str(res["errors"][kind]), f"{np.percentile(ms, 50):.1f}",
-                      f"{np.percentile(ms, 99):.1f}", f"{len(ms) / res['wall']:.1f}")
-    Console().print(table)
+                      f"{np.percentile(ms, 99):.1f}", f"{len(ms) / res['wall']:.1f}",
+                      *((f"{np.percentile(own, 50):.1f}", f"{np.percentile(own, 99):.1f}") if len(own) else ("-", "-")))
+    out = Console(width=150)  # the whole table on one line per row, also when written to a file
+    out.print(table)
     total_errors = sum(res["errors"].values())
-    Console().print(f"generated twins per second (uncached, passed the gate): {res['twins'] / res['wall']:.1f}; "
-                    f"errors: {total_errors}; cached lookups that missed: {res['misses']['cached twin lookup']}")
+    out.print(f"generated twins per second (uncached, passed the gate): {res['twins'] / res['wall']:.1f}; "
+              f"errors: {total_errors}; cached lookups that missed: {res['misses']['cached twin lookup']}")
+    if res["settled"]:
+        ms = np.array(res["settled"]) * 1000
+        out.print(f"cached twin lookups sent after the first {SETTLE:g} s (steady state): n {len(ms)}, "
+                  f"p50 {np.percentile(ms, 50):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms")
+    for what, n in res["why"].most_common(10):
+        out.print(f"  {n} x {what}")
     sys.exit(1 if total_errors else 0)
 
 

@@ -1,5 +1,11 @@
 """Twin generation and outcome prediction for one patient with the promoted model, behind the site cache.
 
+The model runs in a small pool of inference worker processes (`InferencePool`), never in the API
+process: a generation holds a CPU for seconds, and in the API process it would hold the GIL too, so
+every cached lookup would queue behind it. Each worker verifies and loads a version once (cached by
+version and manifest digest, so a promotion is picked up by the next task) and runs at a lower CPU
+priority, so interactive requests win when the cores are busy.
+
 Cache keys are `<model version>:<kind>:<pseudonym>:<sha256 of the parameters>`: a new promoted
 version never reads an older version's results, and `purge` empties the namespace on install.
 When the cache (Redis) fails, results are computed uncached and the caller is told so
@@ -8,27 +14,41 @@ When the cache (Redis) fails, results are computed uncached and the caller is to
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import sqlalchemy as sa
 
 from evoclone.federated.grammar import Constraints
 from evoclone.federated.record import Arm, PatientRecord
 from evoclone.federated.stores.cache import Cache
 
-from .errors import InvalidInput, NotFound
-from .local_models import LoadedModel
+from .errors import InvalidInput, NotFound, StoreUnavailable
+from .local_models import LoadedModel, LocalModel, NoModelInstalled, load_version
 
 log = logging.getLogger("evoclone.site.inference")
 CacheStatus = Literal["hit", "miss", "unavailable"]
 RETRY_AFTER_FAILURE_S = 1.0  # while Redis is down, skip it for this long instead of paying a timeout per call
+WORKER_NICE = 10  # inference workers yield the CPU to the API process (and its cached lookups) when both want it
+# imported once by the fork server, so a new or restarted worker starts in milliseconds, not seconds
+PRELOAD = ("torch", "evoclone.site_node.inference", "evoclone.federated.model_dir", "evoclone.federated.quality",
+           "evoclone.federated.features", "evoclone.federated.predictor", "evoclone.federated.models.twin_gpt")
+T = TypeVar("T")
 
 
 class SiteCache:
@@ -45,8 +65,8 @@ class SiteCache:
         self._down_until = time.monotonic() + self.retry_after_s
         log.warning("twin cache unavailable (%s); serving uncached", type(exc).__name__)
 
-    def lookup(self, key: str) -> tuple[dict | None, CacheStatus]:
-        """The cached value of `key` (None when absent) and how the cache answered."""
+    def lookup_raw(self, key: str) -> tuple[bytes | None, CacheStatus]:
+        """The cached JSON of `key` as stored (None when absent) and how the cache answered."""
         if not self._usable():
             return None, "unavailable"
         try:
@@ -54,18 +74,27 @@ class SiteCache:
         except Exception as exc:  # noqa: BLE001 (any backend failure means: serve uncached)
             self._failed(exc)
             return None, "unavailable"
-        return (json.loads(raw), "hit") if raw is not None else (None, "miss")
+        return (raw, "hit") if raw is not None else (None, "miss")
 
-    def store(self, key: str, value: dict, status: CacheStatus) -> CacheStatus:
-        """Cache a computed value after a miss; the status to report."""
+    def lookup(self, key: str) -> tuple[dict | None, CacheStatus]:
+        """The cached value of `key` (None when absent) and how the cache answered."""
+        raw, status = self.lookup_raw(key)
+        return (json.loads(raw) if raw is not None else None), status
+
+    def store_raw(self, key: str, raw: bytes, status: CacheStatus) -> CacheStatus:
+        """Cache a computed value's JSON after a miss; the status to report."""
         if status != "miss":
             return status
         try:
-            self.backend.set(key, json.dumps(value, separators=(",", ":")).encode(), ttl=self.ttl)
+            self.backend.set(key, raw, ttl=self.ttl)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             return "unavailable"
         return "miss"
+
+    def store(self, key: str, value: dict, status: CacheStatus) -> CacheStatus:
+        """Cache a computed value after a miss; the status to report."""
+        return self.store_raw(key, json.dumps(value, separators=(",", ":")).encode(), status)
 
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> tuple[dict, CacheStatus]:
         """The cached value of `key`, or `compute()` stored for the TTL; with how it was served."""
@@ -146,6 +175,172 @@ def predict(*, model: LoadedModel, record: PatientRecord, arm: str) -> dict[str,
             "ci_low": round(float(pred["ci_low"][0]), 4), "ci_high": round(float(pred["ci_high"][0]), 4),
             "interval": 0.95, "category": str(pred["category"][0]), "top_features": list(top[0]),
             "risk_definition": model.predictor_entry.get("risk_definition")}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The promoted version as the workers load it: its id and the manifest digest it must verify against."""
+
+    version: str
+    digest: str
+
+
+def promoted_model(*, engine: sa.Engine) -> ModelRef:
+    """The promoted version (one indexed read, no ORM objects); NoModelInstalled when none is."""
+    q = sa.select(LocalModel.version, LocalModel.manifest_sha256).where(LocalModel.promoted == sa.true()).limit(1)
+    with engine.connect() as conn:
+        row = conn.execute(q).first()
+    if row is None:
+        raise NoModelInstalled("no model version is promoted at this site; install one with "
+                               "`evoclone site model install`")
+    return ModelRef(row[0], row[1])
+
+
+class InferenceUnavailable(StoreUnavailable):
+    """An inference worker process died (killed, out of memory) while it held a request (503, retry)."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(api_workers: int = 1) -> int:
+    """One worker per core but one (left to the API process), shared among the API's worker processes."""
+    return max(1, (_cores() - 1) // max(1, api_workers))
+
+
+def _start_worker(nice: int, threads: int) -> None:
+    """Initializer of an inference worker: a lower CPU priority, and torch threads sized to its share of cores."""
+    import torch
+
+    if nice:
+        os.nice(nice)
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)  # one version per worker: a promotion replaces it (the next task names the new version)
+def _worker_model(site_dir: str, version: str, digest: str) -> LoadedModel:
+    return load_version(site_dir=Path(site_dir), version=version, expected_digest=digest)
+
+
+def worker_check(site_dir: str, ref: ModelRef) -> str:
+    """(In a worker) verify and load `ref`; its version (ModelUnavailable with the reason otherwise)."""
+    return _worker_model(site_dir, ref.version, ref.digest).version
+
+
+def worker_generate(site_dir: str, ref: ModelRef, record: PatientRecord, arm: str, count: int,
+                    horizon_days: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """(In a worker) `generate` with version `ref`."""
+    return generate(model=_worker_model(site_dir, ref.version, ref.digest), record=record, arm=arm, count=count,
+                    horizon_days=horizon_days, seed=seed)
+
+
+def worker_predict(site_dir: str, ref: ModelRef, record: PatientRecord, arm: str) -> dict[str, Any]:
+    """(In a worker) `predict` with version `ref`."""
+    return predict(model=_worker_model(site_dir, ref.version, ref.digest), record=record, arm=arm)
+
+
+class InferencePool:
+    """Model inference in `workers` worker processes of one API process, started on first use.
+
+    Tasks are the module-level `worker_*` functions; their arguments travel pickled (a pseudonymized
+    record, never an identifier). A domain error raised in a worker (ModelUnavailable, InvalidInput)
+    reaches the caller as itself; a worker that dies takes its task with it: the caller gets
+    InferenceUnavailable and the next task starts a fresh pool.
+    """
+
+    def __init__(self, *, site_dir: Path, workers: int, nice: int = WORKER_NICE) -> None:
+        if workers < 1:
+            raise ValueError("an inference pool needs at least one worker")
+        self.site_dir, self.workers, self.nice = str(Path(site_dir).absolute()), workers, nice
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not finished (running or queued)."""
+        return self._pending
+
+    def _done(self, _fut: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                methods = multiprocessing.get_all_start_methods()
+                # never plain fork: the API process runs threads (event loop, threadpool, Redis, SQLite)
+                ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+                if ctx.get_start_method() == "forkserver":
+                    ctx.set_forkserver_preload(list(PRELOAD))
+                threads = max(1, (_cores() - 1) // self.workers)  # no worker oversubscribes the cores
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_worker,
+                                                     initargs=(self.nice, threads))
+            return self._executor
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> tuple[ProcessPoolExecutor, Future]:
+        executor = self._pool()
+        try:
+            fut = executor.submit(fn, self.site_dir, *args)
+        except BrokenProcessPool:  # a worker died since the last task: start afresh
+            self._reset(executor)
+            executor = self._pool()
+            fut = executor.submit(fn, self.site_dir, *args)
+        with self._lock:
+            self._pending += 1
+        fut.add_done_callback(self._done)
+        return executor, fut
+
+    def _reset(self, executor: ProcessPoolExecutor) -> InferenceUnavailable:
+        """Replace a broken pool (once, however many of its tasks report it); the error for their callers."""
+        with self._lock:
+            broken = self._executor is executor
+            if broken:
+                self._executor = None
+        if broken:
+            log.error("an inference worker process ended unexpectedly; starting a new pool")
+            executor.shutdown(wait=False, cancel_futures=True)
+        return InferenceUnavailable("the inference worker ended unexpectedly (killed or out of memory) and the "
+                                    "request was not completed; retry, and check the site's memory if it repeats")
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        """Queue `fn(site_dir, *args)` on a worker."""
+        return self._submit(fn, *args)[1]
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(site_dir, *args)` on a worker and wait (for threads: cohort jobs)."""
+        executor, fut = self._submit(fn, *args)
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            raise self._reset(executor) from None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(site_dir, *args)` on a worker without blocking the event loop."""
+        executor, fut = self._submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(fut)
+        except BrokenProcessPool:
+            raise self._reset(executor) from None
+
+    def warm(self, ref: ModelRef | None) -> None:
+        """Start the workers now (and load `ref` in them) instead of at the first request; errors are left for it."""
+        for _ in range(self.workers):
+            if ref is None:
+                self._pool().submit(os.getpid)
+            else:
+                self.submit(worker_check, ref)
+
+    def close(self) -> None:
+        """Stop the workers (queued tasks are cancelled; a running one finishes first)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def value_bins(tok, code: str, value: float) -> int:

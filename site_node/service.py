@@ -35,10 +35,11 @@ def serve(settings: SiteSettings, *, host: str, port: int, workers: int = 1, log
     """Run the API until SIGTERM or SIGINT (uvicorn shuts down gracefully)."""
     import uvicorn
 
-    from .api.main import SITE_DIR_ENV
+    from .api.main import API_WORKERS_ENV, SITE_DIR_ENV
 
     settings = prepare(settings)
     os.environ[SITE_DIR_ENV] = str(Path(settings.site_dir).absolute())  # every worker's app factory reads it
+    os.environ[API_WORKERS_ENV] = str(workers)  # they share the cores: each sizes its inference pool to its part
     tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} \
         if settings.tls_enabled else {}
     # no uvicorn access log: a raw path may hold whatever a user typed; the app logs route templates instead

@@ -40,6 +40,9 @@ class SiteSettings(BaseSettings):
     login_rate_per_minute: int = Field(20, ge=1, le=10_000)  # login attempts per client address
     max_body_bytes: int = Field(1 << 20, ge=1024)
     twin_cache_minutes: int = Field(15, ge=1, le=24 * 60)  # cached twins and predictions live this long
+    # model inference runs in this many worker processes per API worker process; 0: one per core but one (left to
+    # the API), divided among the API's worker processes (`evoclone site serve --workers`)
+    inference_workers: int = Field(0, ge=0, le=64)
 
     @field_validator("jwt_secret")
     @classmethod

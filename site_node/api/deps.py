@@ -1,8 +1,12 @@
-"""Dependencies of the site API's routes, as Annotated aliases; access checks are dependencies too."""
+"""Dependencies of the site API's routes, as Annotated aliases; access checks are dependencies too.
+
+Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency on the threadpool,
+and a hop there and back per dependency was a large part of a cached request's time under load.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -10,9 +14,11 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import Depends, Header, HTTPException, Path, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
 
+from ..access_log import AccessLogWriter
 from ..api_tokens import authenticate_token, is_api_token
 from ..auth import decode_access_token
 from ..auth_models import Role, SiteUser
@@ -25,7 +31,7 @@ bearer = HTTPBearer(auto_error=False, description="an access token from POST /ap
                                                   "account's API token (evs_site_...)")
 
 
-def get_app_settings(request: Request) -> SiteSettings:
+async def get_app_settings(request: Request) -> SiteSettings:
     """The settings the app was created with."""
     return request.app.state.settings
 
@@ -33,7 +39,7 @@ def get_app_settings(request: Request) -> SiteSettings:
 SettingsDep = Annotated[SiteSettings, Depends(get_app_settings)]
 
 
-def get_engine(request: Request) -> sa.Engine:
+async def get_engine(request: Request) -> sa.Engine:
     """The app's database engine (the site's transactional store)."""
     return request.app.state.engine
 
@@ -41,16 +47,23 @@ def get_engine(request: Request) -> sa.Engine:
 EngineDep = Annotated[sa.Engine, Depends(get_engine)]
 
 
-def get_session(engine: EngineDep) -> Iterator[Session]:
+async def get_session(engine: EngineDep) -> AsyncIterator[Session]:
     """A database session for one request; routes commit what they change."""
-    with Session(engine, expire_on_commit=False) as session:
+    session = Session(engine, expire_on_commit=False)  # connects at its first query, on the caller's thread
+    try:
         yield session
+    finally:
+        # closing a session that holds a connection rolls it back: database I/O, off the event loop
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(request: Request) -> SessionBackend:
+async def get_store(request: Request) -> SessionBackend:
     """The server-side session store (Redis or in-process)."""
     return request.app.state.sessions
 
@@ -58,12 +71,20 @@ def get_store(request: Request) -> SessionBackend:
 StoreDep = Annotated[SessionBackend, Depends(get_store)]
 
 
-def get_now(request: Request) -> datetime:
+async def get_now(request: Request) -> datetime:
     """The service clock's now (tests move the app's clock instead of sleeping)."""
     return request.app.state.clock()
 
 
 NowDep = Annotated[datetime, Depends(get_now)]
+
+
+async def get_access_log(request: Request) -> AccessLogWriter:
+    """The app's access-log writer (group commit; see access_log.AccessLogWriter)."""
+    return request.app.state.access_log
+
+
+AccessLogDep = Annotated[AccessLogWriter, Depends(get_access_log)]
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
@@ -112,11 +133,11 @@ def get_current_user(request: Request, session: SessionDep, settings: SettingsDe
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
 
 
-def require_role(*roles: Role) -> Callable[[Principal], Principal]:
+def require_role(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that lets only `roles` through (403 for any other authenticated role)."""
     allowed = {Role(r).value for r in roles}
 
-    def check(user: CurrentUser) -> Principal:
+    async def check(user: CurrentUser) -> Principal:
         if user.role not in allowed:
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 f"role {user.role!r} may not do this; it needs one of: {', '.join(sorted(allowed))}")
@@ -130,7 +151,7 @@ AdminUser = Annotated[Principal, Depends(require_role(Role.site_admin))]
 AuditorUser = Annotated[Principal, Depends(require_role(Role.auditor, Role.site_admin))]
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     """The id of this request (set by the service middleware; echoed in X-Request-ID)."""
     return getattr(request.state, "request_id", "")
 
@@ -151,10 +172,12 @@ class AccessReason(str, Enum):
 REASONS = ", ".join(r.value for r in AccessReason)
 
 
-def access_reason(reason: Annotated[AccessReason | None, Query(description="why the data is accessed "
-                                                                            "(recorded in the access log)")] = None,
-                  x_access_reason: Annotated[AccessReason | None, Header(description="the same as ?reason=")] = None,
-                  ) -> AccessReason:
+async def access_reason(reason: Annotated[AccessReason | None, Query(description="why the data is accessed "
+                                                                                  "(recorded in the access log)")
+                                         ] = None,
+                        x_access_reason: Annotated[AccessReason | None,
+                                                   Header(description="the same as ?reason=")] = None,
+                        ) -> AccessReason:
     """The required reason for patient-level access, from ?reason= or the X-Access-Reason header."""
     given = reason or x_access_reason
     if given is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,9 +10,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 
 from evoclone.federated.stores.engine import make_engine
 
+from ..access_log import AccessLogWriter
 from ..auth import totp_key
 from ..migrate import upgrade
 from ..sessions import SessionBackend, open_backend
@@ -22,6 +25,8 @@ from .routes import audit, auth, health, jobs, models, pages, patients, reviews,
 
 API_PREFIX = "/api/v1"
 SITE_DIR_ENV = "EVOCLONE_SITE_DIR"
+API_WORKERS_ENV = "EVOCLONE_SITE_API_WORKERS"  # how many API processes share the cores (set by `site serve`)
+API_MODULES = (auth, users, tokens, patients, twins, reviews, jobs, models, audit)  # their routers, under /api/v1
 
 
 def utc_now() -> datetime:
@@ -29,17 +34,32 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def api_router() -> APIRouter:
-    """Every resource router under /api/v1 (later resources add theirs here)."""
-    router = APIRouter(prefix=API_PREFIX)
-    for module in (auth, users, tokens, patients, twins, reviews, jobs, models, audit):
-        router.include_router(module.router)
-    return router
+def add_routes(app: FastAPI, router: APIRouter, prefix: str = "") -> None:
+    """Register `router`'s routes on the app itself, under `prefix`: the same operations as `include_router`."""
+    # FastAPI (0.138) resolves an included router's route on every request (matching through each nested
+    # router, and building the route's request handler anew); a route of the app's own router is built once
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            raise TypeError(f"{route!r}: only API routes can be added to the site app")
+        app.router.add_api_route(
+            prefix + route.path, route.endpoint, response_model=route.response_model, status_code=route.status_code,
+            tags=route.tags, dependencies=route.dependencies, summary=route.summary, description=route.description,
+            response_description=route.response_description, responses=route.responses, deprecated=route.deprecated,
+            methods=route.methods, operation_id=route.operation_id, name=route.name,
+            response_model_include=route.response_model_include, response_model_exclude=route.response_model_exclude,
+            response_model_by_alias=route.response_model_by_alias,
+            response_model_exclude_unset=route.response_model_exclude_unset,
+            response_model_exclude_defaults=route.response_model_exclude_defaults,
+            response_model_exclude_none=route.response_model_exclude_none, include_in_schema=route.include_in_schema,
+            response_class=route.response_class, callbacks=route.callbacks, openapi_extra=route.openapi_extra,
+            generate_unique_id_function=route.generate_unique_id_function,
+            strict_content_type=route.strict_content_type)
 
 
 def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_now,
-               sessions: SessionBackend | None = None) -> FastAPI:
-    """Build the app over a site's stores; the schema is migrated at start. `clock` and `sessions` are for tests."""
+               sessions: SessionBackend | None = None, api_workers: int = 1, warm: bool = False) -> FastAPI:
+    """Build the app over a site's stores; the schema is migrated at start. `clock` and `sessions` are for tests;
+    `warm` starts the inference workers (with the promoted model loaded) at start instead of at first use."""
     if settings.jwt_secret is None:
         raise RuntimeError(f"{settings.jwt_secret_path} is missing; `evoclone site serve` creates it, or run "
                            "`evoclone site init` for a new site")
@@ -47,9 +67,19 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
     store = sessions or open_backend(settings.redis_url, namespace=f"evoclone-site-{settings.name}")
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade(engine)  # Alembic: the same migrations on SQLite and PostgreSQL (a no-op when current)
+        if warm:
+            _warm(app)
+            # what startup made (modules, routes, schemas) lives as long as the process: frozen, the collector's
+            # full passes skip it (they paused every request in flight for 50-60 ms under load)
+            gc.collect()
+            gc.freeze()
         yield
+        services = getattr(app.state, "twins", None)
+        if services is not None:
+            services.close()
+        app.state.access_log.close()
         engine.dispose()
         if sessions is None:
             store.close()
@@ -59,14 +89,29 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
                           "TOTP logins, with every patient-data access in a hash-chained log.")
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, store
     app.state.clock, app.state.metrics = clock, Metrics()
+    app.state.access_log, app.state.api_workers = AccessLogWriter(engine=engine), api_workers
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.totp_key = totp_key(settings)
     errors.install(app)
-    app.include_router(health.router)
-    app.include_router(api_router())
-    app.include_router(pages.router)
+    add_routes(app, health.router)
+    for module in API_MODULES:
+        add_routes(app, module.router, API_PREFIX)
+    add_routes(app, pages.router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics)
     return app
+
+
+def _warm(app: FastAPI) -> None:
+    """Start the inference workers and load the promoted model in them, if there is one (errors wait for a request)."""
+    from ..errors import SiteError
+    from ..inference import promoted_model
+    from .twin_deps import services_of
+
+    try:
+        ref = promoted_model(engine=app.state.engine)
+    except SiteError:
+        ref = None
+    services_of(app).inference.warm(ref)
 
 
 def app_from_env() -> FastAPI:
@@ -74,4 +119,4 @@ def app_from_env() -> FastAPI:
     site_dir = os.environ.get(SITE_DIR_ENV)
     if not site_dir:
         raise RuntimeError(f"no site directory: set {SITE_DIR_ENV} or run `evoclone site serve --site-dir DIR`")
-    return create_app(get_settings(Path(site_dir)))
+    return create_app(get_settings(Path(site_dir)), api_workers=int(os.environ.get(API_WORKERS_ENV) or 1), warm=True)

@@ -1,6 +1,6 @@
 """One ASGI middleware around every request of the site API: request id, body limit, no-store caching,
-metrics by route template, one log line (never the raw path: it may hold what a user typed), and a
-generic 500 that names only the request id (never a traceback)."""
+a Server-Timing header, metrics by route template, one log line (never the raw path: it may hold what a
+user typed), and a generic 500 that names only the request id (never a traceback)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ class ServiceMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"], sent["started"] = message["status"], True
-                extra = [(b"x-request-id", rid.encode())]
+                # the time this process spent on the request: a client or load generator tells its own
+                # queueing apart from the server's (W3C Server-Timing; no detail beyond the duration)
+                extra = [(b"x-request-id", rid.encode()),
+                         (b"server-timing", f"app;dur={(time.perf_counter() - t0) * 1000:.1f}".encode())]
                 if api:  # patient data must not linger in browser or proxy caches
                     extra.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}

@@ -1,4 +1,5 @@
-"""The twin services of one app (model holder, result cache, background jobs) as Annotated dependencies."""
+"""The twin services of one app (model holder, inference workers, result cache, background jobs) as Annotated
+dependencies."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Request
+from sqlmodel import Session
 
 from evoclone.federated.stores.cache import open_cache
 
-from ..inference import JobRunner, SiteCache
+from ..inference import CacheStatus, InferencePool, JobRunner, ModelRef, SiteCache, cache_key, default_workers, \
+    promoted_model
 from ..local_models import ModelHolder
 
 T = TypeVar("T")
@@ -22,23 +26,43 @@ _INIT = threading.Lock()  # guards the first creation only; the services live on
 
 @dataclass
 class TwinServices:
-    """What twin routes share: the promoted model (loaded once per version), the cache and the job runner."""
+    """What twin routes share: the inference worker pool, the cache, the job runner, and the promoted model
+    loaded in this process for the callers that run the model here (review regeneration)."""
 
-    models: ModelHolder
+    engine: sa.Engine
+    inference: InferencePool
     cache: SiteCache
     jobs: JobRunner
-    # model work runs on its own thread: requests waiting for the (serialised) model must not occupy the
-    # shared threadpool, or cached lookups queue behind them
+    models: ModelHolder
+    # in-process model work runs on its own thread: requests waiting for the (serialised) model must not occupy
+    # the shared threadpool, or cached lookups queue behind them
     model_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "site-model"))
 
     async def run_model(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the model thread and await its result."""
+        """Run `fn` on the in-process model thread and await its result."""
         return await asyncio.wrap_future(self.model_pool.submit(fn))
 
+    def lookup(self, kind: str, pseudonym: str, params: dict[str, Any], session: Session | None = None
+               ) -> tuple[ModelRef, str, bytes | None, CacheStatus]:
+        """(Blocking) the promoted version, the result's cache key, its cached JSON (None: compute it) and the
+        cache status; `session` (the auth lookup's) is closed first, since a miss may wait for a worker."""
+        if session is not None:
+            session.close()
+        ref = promoted_model(engine=self.engine)
+        key = cache_key(ref.version, kind, pseudonym, params)
+        raw, status = self.cache.lookup_raw(key)
+        return ref, key, raw, status
 
-def twin_services(request: Request) -> TwinServices:
+    def close(self) -> None:
+        """Stop the inference workers, the cohort jobs and the model thread."""
+        self.jobs.shutdown()
+        self.inference.close()
+        self.model_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def services_of(app: FastAPI) -> TwinServices:
     """The app's twin services, created on first use from its settings."""
-    state = request.app.state
+    state = app.state
     services = getattr(state, "twins", None)
     if services is None:
         with _INIT:
@@ -46,11 +70,18 @@ def twin_services(request: Request) -> TwinServices:
             if services is None:
                 s = state.settings
                 backend = open_cache(s.redis_url, namespace=f"evoclone-twins-{s.name}")
-                services = TwinServices(ModelHolder(engine=state.engine, site_dir=s.site_dir),
-                                        SiteCache(backend=backend, ttl_seconds=s.twin_cache_minutes * 60),
-                                        JobRunner())
+                workers = s.inference_workers or default_workers(getattr(state, "api_workers", 1))
+                services = TwinServices(
+                    engine=state.engine, inference=InferencePool(site_dir=s.site_dir, workers=workers),
+                    cache=SiteCache(backend=backend, ttl_seconds=s.twin_cache_minutes * 60), jobs=JobRunner(),
+                    models=ModelHolder(engine=state.engine, site_dir=s.site_dir))
                 state.twins = services
     return services
+
+
+async def twin_services(request: Request) -> TwinServices:
+    """The app's twin services (a dependency)."""
+    return services_of(request.app)
 
 
 ServicesDep = Annotated[TwinServices, Depends(twin_services)]

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from sqlmodel import Session, select
 
 from ...access_log import AccessEntryCreate, record_access
-from ...inference import Job, predict
+from ...inference import Job, promoted_model, worker_check, worker_predict
 from ...keyring import load_keyring
 from ...patients import get_record
 from ...store import PatientRow
@@ -48,7 +48,8 @@ def public(job: Job) -> JobPublic:
 def start_cohort_predictions(body: CohortRequest, user: ClinicalUser, reason: ReasonDep, engine: EngineDep,
                              settings: SettingsDep, services: ServicesDep, rid: RequestId) -> JobPublic:
     """Start predicting the whole cohort in the background; poll GET /api/v1/jobs/{id}, cancel with DELETE."""
-    model = services.models.get()  # 503 now rather than a failed job later
+    ref = promoted_model(engine=engine)
+    services.inference.call(worker_check, ref)  # 503 now rather than a failed job later
 
     def work(job: Job) -> None:
         with Session(engine) as session:
@@ -64,11 +65,11 @@ def start_cohort_predictions(body: CohortRequest, user: ClinicalUser, reason: Re
             record_access(engine=engine, data=AccessEntryCreate(actor=user.name, role=user.role, reason=reason.value,
                                                                 action="cohort.predict", pseudonym=p,
                                                                 request_id=rid))
-            out = predict(model=model, record=record, arm=body.arm)
+            out = services.inference.call(worker_predict, ref, record, body.arm)  # in a worker process
             categories[out["category"]] = categories.get(out["category"], 0) + 1
             total_risk += out["risk"]
             job.done += 1
-            job.result = {"model_version": model.version, "arm": body.arm, "categories": dict(categories),
+            job.result = {"model_version": ref.version, "arm": body.arm, "categories": dict(categories),
                           "mean_risk": round(total_risk / job.done, 4)}
 
     return public(services.jobs.start("cohort-predictions", work))

@@ -1,4 +1,8 @@
-"""Twins and predictions of one patient with the promoted model: cached, access-logged, queued for review."""
+"""Twins and predictions of one patient with the promoted model: cached, access-logged, queued for review.
+
+A cached answer is the stored JSON sent as is (it was validated as the Public model when computed);
+an uncached one is computed by an inference worker process while this process keeps serving.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from sqlmodel import Session
 
 from ...access_log import AccessEntryCreate, append_access, record_access
 from ...errors import NotFound
-from ...inference import cache_key, generate, predict
+from ...inference import worker_generate, worker_predict
 from ...keyring import load_keyring
 from ...patients import get_record
 from ...review import queue_twins
 from ...review_models import TwinReviewCreate
-from ..deps import ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SessionDep, SettingsDep
+from ..deps import AccessLogDep, ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SessionDep, \
+    SettingsDep
 from ..twin_deps import ServicesDep
 
 router = APIRouter(prefix="/patients", tags=["twins"])
@@ -25,7 +30,8 @@ Arm = Literal["control", "treatment"]
 CACHE_HEADER = {"X-Cache": {"description": "hit, miss, or unavailable (the cache is down: served uncached)",
                             "schema": {"type": "string"}}}
 ERRORS = {404: {"description": "no such patient at this site"},
-          503: {"description": "model failed to load (none promoted, or verification failed)"}}
+          409: {"description": "no model version is promoted at this site"},
+          503: {"description": "model failed to load (verification failed), or its inference worker died"}}
 
 
 class TwinRequest(BaseModel):
@@ -85,65 +91,58 @@ def load_patient(*, engine, settings, pseudonym: str, entry: dict, now):
         raise
 
 
+def _json(raw: bytes, status: str) -> Response:
+    return Response(raw, media_type="application/json", headers={"X-Cache": status})
+
+
 @router.post("/{pseudonym}/twins", response_model=TwinsPublic, responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: ClinicalUser, reason: ReasonDep,
                        engine: EngineDep, settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId,
-                       response: Response, session: SessionDep) -> TwinsPublic:
+                       session: SessionDep, access_log: AccessLogDep) -> Response:
     """Generate gated twins of a patient with the promoted model; new twins are queued for clinician review."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid)
-    session.close()  # give the auth lookup's connection back: the model may keep this request waiting
-    model = await run_in_threadpool(services.models.get)
-    key = cache_key(model.version, "twins", pseudonym, body.model_dump())
-    doc, status = await run_in_threadpool(services.cache.lookup, key)
-    if doc is None:
-        def fresh() -> dict:
-            record = load_patient(engine=engine, settings=settings, pseudonym=pseudonym, now=now,
-                                  entry={**entry, "action": "twin.generate"})
-            out = generate(model=model, record=record, arm=body.arm, count=body.count,
-                           horizon_days=body.horizon_days, seed=body.seed)
-            items = [TwinReviewCreate(study=body.study, pseudonym=pseudonym, model_version=model.version,
-                                      arm=body.arm, quality=t["quality"], copy_index=t["copy_index"],
-                                      events=t["events"], outcome=t["outcome"]) for t in out["twins"]]
-            # the queued twins and the access-log entry of their generation commit together
-            with Session(engine, expire_on_commit=False) as s:
-                rows = queue_twins(session=s, items=items, keyring=load_keyring(settings.site_dir), now=now)
-                append_access(session=s, at=now, data=AccessEntryCreate(**entry, action="twin.generate",
-                                                                        pseudonym=pseudonym))
-                s.commit()
-            for t, row in zip(out["twins"], rows):
-                t["review_id"] = row.id
-            return out
+    ref, key, raw, status = await run_in_threadpool(services.lookup, "twins", pseudonym, body.model_dump(), session)
+    if raw is not None:
+        await access_log.append(AccessEntryCreate(**entry, action="twin.read", pseudonym=pseudonym), now)
+        return _json(raw, status)
+    record = await run_in_threadpool(lambda: load_patient(engine=engine, settings=settings, pseudonym=pseudonym,
+                                                          now=now, entry={**entry, "action": "twin.generate"}))
+    out = await services.inference.run(worker_generate, ref, record, body.arm, body.count, body.horizon_days,
+                                       body.seed)
 
-        doc = await services.run_model(fresh)
-        status = await run_in_threadpool(services.cache.store, key, doc, status)
-    else:
-        await run_in_threadpool(lambda: record_access(engine=engine, at=now, data=AccessEntryCreate(
-            **entry, action="twin.read", pseudonym=pseudonym)))
-    response.headers["X-Cache"] = status
-    return TwinsPublic(**doc)
+    def queue() -> tuple[bytes, str]:
+        items = [TwinReviewCreate(study=body.study, pseudonym=pseudonym, model_version=out["model_version"],
+                                  arm=body.arm, quality=t["quality"], copy_index=t["copy_index"], events=t["events"],
+                                  outcome=t["outcome"]) for t in out["twins"]]
+        # the queued twins and the access-log entry of their generation commit together
+        with Session(engine, expire_on_commit=False) as s:
+            rows = queue_twins(session=s, items=items, keyring=load_keyring(settings.site_dir), now=now)
+            append_access(session=s, at=now, data=AccessEntryCreate(**entry, action="twin.generate",
+                                                                    pseudonym=pseudonym))
+            s.commit()
+        for t, row in zip(out["twins"], rows):
+            t["review_id"] = row.id
+        doc = TwinsPublic.model_validate(out).model_dump_json().encode()
+        return doc, services.cache.store_raw(key, doc, status)
+
+    return _json(*await run_in_threadpool(queue))
 
 
 @router.get("/{pseudonym}/prediction", response_model=PredictionPublic,
             responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def read_prediction(pseudonym: PseudonymPath, arm: Annotated[Arm, Query(description="the arm to predict under")],
                           user: ClinicalUser, reason: ReasonDep, engine: EngineDep, settings: SettingsDep,
-                          services: ServicesDep, now: NowDep, rid: RequestId, response: Response,
-                          session: SessionDep) -> PredictionPublic:
+                          services: ServicesDep, now: NowDep, rid: RequestId, session: SessionDep,
+                          access_log: AccessLogDep) -> Response:
     """The patient's predicted risk under an arm, with a 95% interval, the risk category and the top features."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid, action="prediction.read")
-    session.close()  # give the auth lookup's connection back: the model may keep this request waiting
-    model = await run_in_threadpool(services.models.get)
-    key = cache_key(model.version, "prediction", pseudonym, {"arm": arm})
-    doc, status = await run_in_threadpool(services.cache.lookup, key)
-    if doc is None:
-        def fresh() -> dict:
-            record = load_patient(engine=engine, settings=settings, pseudonym=pseudonym, entry=entry, now=now)
-            return predict(model=model, record=record, arm=arm)
-
-        doc = await services.run_model(fresh)
-        status = await run_in_threadpool(services.cache.store, key, doc, status)
+    ref, key, raw, status = await run_in_threadpool(services.lookup, "prediction", pseudonym, {"arm": arm}, session)
+    if raw is None:
+        record = await run_in_threadpool(lambda: load_patient(engine=engine, settings=settings, pseudonym=pseudonym,
+                                                              entry=entry, now=now))
+        out = await services.inference.run(worker_predict, ref, record, arm)
+        raw = PredictionPublic.model_validate(out).model_dump_json().encode()
+        status = await run_in_threadpool(services.cache.store_raw, key, raw, status)
     # logged before the result leaves, cached or not
-    await run_in_threadpool(lambda: record_access(engine=engine, data=AccessEntryCreate(**entry, pseudonym=pseudonym),
-                                                  at=now))
-    response.headers["X-Cache"] = status
-    return PredictionPublic(**doc)
+    await access_log.append(AccessEntryCreate(**entry, pseudonym=pseudonym), now)
+    return _json(raw, status)
