@@ -238,6 +238,17 @@ def worker_generate(site_dir: str, ref: ModelRef, record: PatientRecord, arm: st
                     horizon_days=horizon_days, seed=seed)
 
 
+def worker_regenerate(site_dir: str, ref: ModelRef, record: PatientRecord, arm: str, reason: str,
+                      events: list[list[Any]], seed: int) -> dict[str, Any]:
+    """(In a worker) one twin in place of a rejected one, under the constraint its rejection reason sets."""
+    from .review import reason_constraints
+    from .review_models import RejectReason
+
+    model = _worker_model(site_dir, ref.version, ref.digest)
+    cons = reason_constraints(reason=RejectReason(reason), tok=model.tokenizer, patient=record, events=events)
+    return generate(model=model, record=record, arm=arm, count=1, seed=seed, constraints=cons)
+
+
 def worker_predict(site_dir: str, ref: ModelRef, record: PatientRecord, arm: str) -> dict[str, Any]:
     """(In a worker) `predict` with version `ref`."""
     return predict(model=_worker_model(site_dir, ref.version, ref.digest), record=record, arm=arm)

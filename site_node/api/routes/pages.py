@@ -200,20 +200,22 @@ async def verdict_page(review_id: int, verdict: str, request: Request, session: 
     rid = getattr(request.state, "request_id", "")
     engine = request.app.state.engine
 
-    def work() -> str:
+    async def work() -> str:
         if verdict == "approve":
-            decide(engine=engine, review_id=review_id, status=ReviewStatus.approved, actor=user.name,
-                   role=user.role, reason="review", request_id=rid, now=now)
+            await run_in_threadpool(lambda: decide(engine=engine, review_id=review_id, status=ReviewStatus.approved,
+                                                   actor=user.name, role=user.role, reason="review", request_id=rid,
+                                                   now=now))
             return f"Twin {review_id} approved."
         why = RejectReason(reason or "")
-        row = decide(engine=engine, review_id=review_id, status=ReviewStatus.rejected, actor=user.name,
-                     role=user.role, reason="review", request_id=rid, reject_reason=why, text=text, now=now)
-        new, why_not = regenerate(services=services, engine=engine, settings=settings, row=row, why=why,
-                                  actor=user.name, role=user.role, reason="review", rid=rid, now=now)
+        row = await run_in_threadpool(lambda: decide(
+            engine=engine, review_id=review_id, status=ReviewStatus.rejected, actor=user.name, role=user.role,
+            reason="review", request_id=rid, reject_reason=why, text=text, now=now))
+        new, why_not = await regenerate(services=services, engine=engine, settings=settings, row=row, why=why,
+                                        actor=user.name, role=user.role, reason="review", rid=rid, now=now)
         return f"Twin {review_id} rejected; " + (f"twin {new.id} regenerated and queued." if new else why_not)
 
     try:
-        message = await run_in_threadpool(work)
+        message = await work()
     except (SiteError, ValueError) as exc:
         message = str(exc).splitlines()[0]
     return RedirectResponse("/review?" + urlencode({"done": message[:200]}), status_code=303)

@@ -7,17 +7,18 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from evoclone.federated.feedback import feedback_path
 
 from ...access_log import AccessEntryCreate, record_access
 from ...errors import SiteError
-from ...inference import generate
+from ...inference import promoted_model, worker_regenerate
 from ...keyring import load_keyring
 from ...patients import PSEUDONYM_PATTERN, get_record
 from ...review import annotate, decide, feedback_usage, get_review, list_reviews, open_twins, queue_regenerated, \
-    reason_constraints, views, write_feedback
+    views, write_feedback
 from ...review_models import AnnotateRequest, DecisionPublic, RejectRequest, ReviewQueuePublic, ReviewStatus, \
     TwinReview, TwinReviewPublic
 from ..deps import RowId, AdminUser, ClinicalUser, EngineDep, NowDep, ReasonDep, RequestId, SessionDep, SettingsDep
@@ -95,24 +96,30 @@ def approve(review_id: RowId, user: ClinicalUser, reason: ReasonDep, engine: Eng
     return DecisionPublic(review=_view(engine, settings, row))
 
 
-def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, role: str, reason: str, rid: str,
-               now) -> tuple[TwinReview | None, str | None]:
-    """Generate a replacement for a rejected twin under the reason's constraint and queue it; or why not."""
+async def regenerate(*, services, engine, settings, row: TwinReview, why, actor: str, role: str, reason: str,
+                     rid: str, now) -> tuple[TwinReview | None, str | None]:
+    """Generate a replacement for a rejected twin under the reason's constraint (on an inference worker) and
+    queue it; or why not."""
     keyring = load_keyring(settings.site_dir)
-    try:
-        model = services.models.get()
+
+    def load():
+        ref = promoted_model(engine=engine)
         record = get_record(engine=engine, keyring=keyring, pseudonym=row.pseudonym)
         with Session(engine) as session:
             events = open_twins(session=session, rows=[row], keyring=keyring)[row.id]["events"]
-        cons = reason_constraints(reason=why, tok=model.tokenizer, patient=record, events=events)
-        doc = generate(model=model, record=record, arm=row.arm, count=1, seed=1_000_003 * row.id % (2**31),
-                       constraints=cons)
+        return ref, record, events
+
+    try:
+        ref, record, events = await run_in_threadpool(load)
+        doc = await services.inference.run(worker_regenerate, ref, record, row.arm, why.value, events,
+                                           1_000_003 * row.id % (2**31))
     except SiteError as exc:
         return None, str(exc)
     if not doc["twins"]:
         return None, "the quality gate refused every regenerated try; generate new twins for this patient"
-    new = queue_regenerated(engine=engine, keyring=keyring, parent=row, twin=doc["twins"][0], model_version=model.version,
-                            actor=actor, role=role, reason=reason, request_id=rid, now=now)
+    new = await run_in_threadpool(lambda: queue_regenerated(
+        engine=engine, keyring=keyring, parent=row, twin=doc["twins"][0], model_version=ref.version, actor=actor,
+        role=role, reason=reason, request_id=rid, now=now))
     return new, None
 
 
@@ -123,19 +130,16 @@ async def reject(review_id: RowId, body: RejectRequest, user: ClinicalUser, reas
                  session: SessionDep) -> DecisionPublic:
     """Reject a pending twin with a reason (and scrubbed free text); a replacement is regenerated under the reason's
     constraint and queued."""
-    def work() -> DecisionPublic:
-        row = decide(engine=engine, review_id=review_id, status=ReviewStatus.rejected, actor=user.name,
-                     role=user.role, reason=reason.value, request_id=rid, reject_reason=body.reason, text=body.text,
-                     now=now)
-        if not body.regenerate:
-            return DecisionPublic(review=_view(engine, settings, row))
-        new, why_not = regenerate(services=services, engine=engine, settings=settings, row=row, why=body.reason,
-                                  actor=user.name, role=user.role, reason=reason.value, rid=rid, now=now)
-        return DecisionPublic(review=_view(engine, settings, row), regenerated=_view(engine, settings, new),
-                              regeneration=why_not)
-
-    session.close()  # give the auth lookup's connection back: regeneration waits for the model
-    return await services.run_model(work)
+    session.close()  # give the auth lookup's connection back: regeneration waits for a worker
+    row = await run_in_threadpool(lambda: decide(
+        engine=engine, review_id=review_id, status=ReviewStatus.rejected, actor=user.name, role=user.role,
+        reason=reason.value, request_id=rid, reject_reason=body.reason, text=body.text, now=now))
+    if not body.regenerate:
+        return DecisionPublic(review=await run_in_threadpool(_view, engine, settings, row))
+    new, why_not = await regenerate(services=services, engine=engine, settings=settings, row=row, why=body.reason,
+                                    actor=user.name, role=user.role, reason=reason.value, rid=rid, now=now)
+    review, regenerated = await run_in_threadpool(lambda: (_view(engine, settings, row), _view(engine, settings, new)))
+    return DecisionPublic(review=review, regenerated=regenerated, regeneration=why_not)
 
 
 @router.post("/{review_id}/annotate", response_model=TwinReviewPublic, responses=NOT_FOUND)
