@@ -123,8 +123,10 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
     why: collections.Counter = collections.Counter()
     cache_misses = {"cached twin lookup": 0}
     twins = [0]
+    # idle connections are dropped after 2 s, before uvicorn closes them at 5 s: otherwise a request sent on a
+    # connection the server is closing fails (ReadError, RemoteProtocolError) and counts as the server's error
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
-                                 limits=httpx.Limits(max_connections=clients + 5)) as http:
+                                 limits=httpx.Limits(max_connections=clients + 5, keepalive_expiry=2.0)) as http:
         await asyncio.sleep(max(0.0, start_at - time.time()))  # load-generator processes start together
         # then every client opens its keep-alive connection (unmeasured): the run measures requests, not TCP
         # setup; just before the start, since the server closes a connection idle for 5 s
