@@ -1,14 +1,10 @@
-"""The twin services of one app (model holder, inference workers, result cache, background jobs) as Annotated
-dependencies."""
+"""The twin services of one app (inference workers, result cache, background jobs) as an Annotated dependency."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
@@ -18,29 +14,19 @@ from evoclone.federated.stores.cache import open_cache
 
 from ..inference import CacheStatus, InferencePool, JobRunner, ModelRef, SiteCache, cache_key, default_workers, \
     promoted_model
-from ..local_models import ModelHolder
 
-T = TypeVar("T")
 _INIT = threading.Lock()  # guards the first creation only; the services live on app.state
 
 
 @dataclass
 class TwinServices:
-    """What twin routes share: the inference worker pool, the cache, the job runner, and the promoted model
-    loaded in this process for the callers that run the model here (review regeneration)."""
+    """What twin routes share: the inference worker pool (the only place the model runs), the result cache and
+    the cohort job runner."""
 
     engine: sa.Engine
     inference: InferencePool
     cache: SiteCache
     jobs: JobRunner
-    models: ModelHolder
-    # in-process model work runs on its own thread: requests waiting for the (serialised) model must not occupy
-    # the shared threadpool, or cached lookups queue behind them
-    model_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "site-model"))
-
-    async def run_model(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the in-process model thread and await its result."""
-        return await asyncio.wrap_future(self.model_pool.submit(fn))
 
     def lookup(self, kind: str, pseudonym: str, params: dict[str, Any], session: Session | None = None
                ) -> tuple[ModelRef, str, bytes | None, CacheStatus]:
@@ -54,10 +40,9 @@ class TwinServices:
         return ref, key, raw, status
 
     def close(self) -> None:
-        """Stop the inference workers, the cohort jobs and the model thread."""
+        """Stop the cohort jobs and the inference workers."""
         self.jobs.shutdown()
         self.inference.close()
-        self.model_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def services_of(app: FastAPI) -> TwinServices:
@@ -73,8 +58,7 @@ def services_of(app: FastAPI) -> TwinServices:
                 workers = s.inference_workers or default_workers(getattr(state, "api_workers", 1))
                 services = TwinServices(
                     engine=state.engine, inference=InferencePool(site_dir=s.site_dir, workers=workers),
-                    cache=SiteCache(backend=backend, ttl_seconds=s.twin_cache_minutes * 60), jobs=JobRunner(),
-                    models=ModelHolder(engine=state.engine, site_dir=s.site_dir))
+                    cache=SiteCache(backend=backend, ttl_seconds=s.twin_cache_minutes * 60), jobs=JobRunner())
                 state.twins = services
     return services
 

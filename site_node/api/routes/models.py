@@ -45,8 +45,7 @@ async def install_model(request: Request, _user: AdminUser, engine: EngineDep, s
 
     def work():
         row = install_bundle(engine=engine, site_dir=settings.site_dir, bundle=bundle, now=now)
-        services.models.forget()
-        services.cache.purge()
+        services.cache.purge()  # the inference workers switch by themselves: each task names the promoted version
         return row
 
     return _public([await run_in_threadpool(work)])[0]
@@ -57,7 +56,6 @@ def promote_model(version: str, _user: AdminUser, engine: EngineDep, services: S
                   now: NowDep) -> LocalModelPublic:
     """Make an installed version the one inference uses (cached results of other versions are dropped)."""
     row = promote_version(engine=engine, version=version, now=now)
-    services.models.forget()
     services.cache.purge()
     return _public([row])[0]
 

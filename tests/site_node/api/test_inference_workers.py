@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
+from evoclone.site_node.inference import _worker_model
+
 from .conftest import make_client
 from .twin_model import coordinator_key, model_dir, public_pem, signed_bundle  # noqa: F401 (fixtures)
 
@@ -80,7 +82,7 @@ def test_cached_lookups_are_served_while_the_only_worker_is_busy(one_worker, pat
         r = slow.result(timeout=120)
     assert r.status_code == 200 and r.headers["x-cache"] == "miss" and r.json()["model_version"] == "v1"
     assert busy.result() != os.getpid()
-    assert services.models._loaded is None  # the API process never loaded the model: the workers did
+    assert _worker_model.cache_info().currsize == 0  # no model was ever loaded in this (the API's) process
 
 
 def test_workers_pick_up_a_newly_promoted_version(one_worker, patient, model_dir, coordinator_key):  # noqa: F811
@@ -102,7 +104,7 @@ def test_workers_pick_up_a_newly_promoted_version(one_worker, patient, model_dir
     r = _twins(client, clinician, patient, seed=3)
     assert r.headers["x-cache"] == "miss" and r.json()["model_version"] == "v1"
     assert services.inference.call(worker_pid) == pid  # the same worker reloaded; it was not restarted
-    assert services.models._loaded is None
+    assert _worker_model.cache_info().currsize == 0
 
 
 def test_a_model_that_fails_to_load_in_a_worker_gives_the_clear_error_and_the_worker_survives(one_worker, patient):

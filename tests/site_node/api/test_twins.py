@@ -59,7 +59,6 @@ def test_twins_and_predictions_are_cached_per_model_version_and_logged(client, c
 
     install_bundle(engine=client.app.state.engine, site_dir=client.app.state.settings.site_dir,
                    bundle=signed_bundle(model_dir, coordinator_key, version="v2"))
-    client.app.state.twins.models.forget()
     r = _twins(client, clinician, patient)
     assert r.headers["x-cache"] == "miss" and r.json()["model_version"] == "v2"
     assert client.delete("/api/v1/models/cache", headers=admin).json()["removed"] >= 1
