@@ -34,5 +34,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Not supported: it would write decrypted twins back into the database."""
-    raise NotImplementedError("downgrading below 0004 would store twins in plaintext; restore a backup instead")
+    """Refused by design: going below 0004 would mean writing decrypted twins back into the database."""
+    raise RuntimeError("downgrading below 0004 would store twins in plaintext; restore the backup taken before "
+                       "the upgrade instead (evoclone site migrate --backup)")
