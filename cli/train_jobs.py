@@ -297,6 +297,8 @@ def run_train(opts: TrainOptions, *, on_progress: Callable[[str, int, int], None
                                 manifest_extra=manifest_extra, run_key=key)
                 if server_eval is not None:
                     rc["server-eval"] = str(server_eval)
+                if len(arm_levels) < 2:  # one arm (a history table, say): there is no arm effect to re-estimate
+                    rc["arm-shift-share"] = 0.0
                 results[model] = fed.train(rc, coord, rounds=opts.rounds,
                                            on_round=lambda done, total, m=model: progress(m, done, total))
     finally:
