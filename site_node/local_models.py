@@ -155,16 +155,6 @@ def list_models(*, engine: sa.Engine) -> list[LocalModel]:
         return list(session.exec(select(LocalModel).order_by(LocalModel.installed_at.desc())).all())
 
 
-def current(*, engine: sa.Engine) -> LocalModel:
-    """The promoted version; ModelUnavailable when none is."""
-    with Session(engine, expire_on_commit=False) as session:
-        row = session.exec(select(LocalModel).where(LocalModel.promoted == True)).first()  # noqa: E712
-    if row is None:
-        raise NoModelInstalled("no model version is promoted at this site; install one with "
-                               "`evoclone site model install`")
-    return row
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A verified, loaded model version: the generator and the outcome ensemble with their manifest entries."""
@@ -177,32 +167,6 @@ class LoadedModel:
     spec: Any
     predictor_entry: dict
     lock: threading.Lock  # torch modules are not safe to share between concurrent forward passes
-
-
-class ModelHolder:
-    """The loaded promoted model of one app, reloaded when another version is promoted."""
-
-    def __init__(self, *, engine: sa.Engine, site_dir: Path) -> None:
-        self.engine, self.site_dir = engine, Path(site_dir)
-        self._loaded: LoadedModel | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> LoadedModel:
-        """The promoted version, loaded (verified first); ModelUnavailable with a one-line reason otherwise."""
-        row = current(engine=self.engine)
-        loaded = self._loaded
-        if loaded is not None and loaded.version == row.version:
-            return loaded
-        with self._lock:
-            if self._loaded is None or self._loaded.version != row.version:
-                self._loaded = load_version(site_dir=self.site_dir, version=row.version,
-                                            expected_digest=row.manifest_sha256)
-            return self._loaded
-
-    def forget(self) -> None:
-        """Drop the loaded model (the next call loads the promoted one again)."""
-        with self._lock:
-            self._loaded = None
 
 
 def load_version(*, site_dir: Path, version: str, expected_digest: str | None = None) -> LoadedModel:
