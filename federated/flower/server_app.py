@@ -183,6 +183,13 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int)
     return merge(summaries), counts, failed
 
 
+def _reply_records(msg: Message) -> tuple[ConfigRecord, ConfigRecord, MetricRecord]:
+    """A site reply's status, privacy budget and metrics records (empty when missing)."""
+    c = msg.content
+    return (c.config_records.get("site", ConfigRecord()), c.config_records.get("privacy", ConfigRecord()),
+            c.metric_records.get("metrics", MetricRecord()))
+
+
 def site_entry(study: Study, name: str, status: str, m, *, reason=None, budget=None, delta=None) -> dict:
     """One site's participation in a round from its reply metrics; keeps the study's site table current."""
     entry = {"site": name, "status": status, "examples": int(m.get("num-examples", 0)),
@@ -231,10 +238,8 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
         if msg.has_error():
             participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
             continue
-        site = msg.content.config_records.get("site", ConfigRecord())
-        privacy = msg.content.config_records.get("privacy", ConfigRecord())
-        entry = site_entry(study, _site_name(msg), str(site.get("status", "")),
-                           msg.content.metric_records.get("metrics", MetricRecord()), reason=site.get("reason"),
+        site, privacy, metrics = _reply_records(msg)
+        entry = site_entry(study, _site_name(msg), str(site.get("status", "")), metrics, reason=site.get("reason"),
                            budget=privacy.get("epsilon-budget"), delta=privacy.get("delta"))
         if entry["status"] == STATUS_OK:
             accepted.append(msg)
@@ -396,9 +401,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
         if msg.has_error():
             participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
             continue
-        site = msg.content.config_records.get("site", ConfigRecord())
-        privacy = msg.content.config_records.get("privacy", ConfigRecord())
-        m = msg.content.metric_records.get("metrics", MetricRecord())
+        site, privacy, m = _reply_records(msg)
         name, status = _site_name(msg), str(site.get("status", ""))
         if name in study.sites:
             study.sites[name]["epsilon_spent"] = float(m.get("epsilon", study.sites[name]["epsilon_spent"]))
