@@ -2,7 +2,8 @@
 
 Starts a real `evoclone coordinator serve` (HTTPS, SQLite or PostgreSQL, N uvicorn workers)
 on loopback, fills it with a study, sites, runs with round history and model versions, then
-runs C concurrent clients (asyncio + httpx, keep-alive) for D seconds against the registry
+runs C concurrent clients (asyncio + aiohttp, keep-alive; `--client httpx` for the earlier load
+generator, see benchmarks/loadgen.py) for D seconds against the registry
 and status endpoints, each with a bearer token. `/health` (no database, no auth) is the
 in-run baseline. Target: zero errors, p99 under 50 ms.
 
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import CLIENTS, ERRORS, session  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
@@ -93,17 +97,17 @@ def _fill(c: httpx.Client, admin: dict, sponsor: dict, state: Path) -> list[str]
     return paths
 
 
-async def _client(base: str, ca: str, headers: dict, paths: list[str], until: float, out: dict) -> None:
-    async with httpx.AsyncClient(base_url=base, verify=ca, timeout=10) as c:
+async def _client(kind: str, base: str, ca: str, headers: dict, paths: list[str], until: float, out: dict) -> None:
+    async with session(kind, base, ca=ca, timeout=10, connections=1) as send:
         i = 0
         while time.monotonic() < until:
             path = paths[i % len(paths)]
             i += 1
             t0 = time.perf_counter()
             try:
-                r = await c.get(path, headers=headers if path != "/health" else None)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
+                r = await send("GET", path, headers=headers if path != "/health" else None)
+                ok = r.status == 200
+            except ERRORS:
                 ok = False
             out.setdefault(path, []).append((time.perf_counter() - t0, ok))
 
@@ -114,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--database-url", default="", help="PostgreSQL URL (default: SQLite in the state dir)")
+    ap.add_argument("--client", choices=CLIENTS, default="aiohttp",
+                    help="the load generator's HTTP client (httpx costs about 20x more CPU per request)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from evoclone.federated.flower.runtime import free_port
@@ -138,7 +144,8 @@ def main() -> None:
             until = time.monotonic() + args.seconds
 
             async def run_all() -> None:
-                await asyncio.gather(*(_client(base, ca, sponsor, paths[k % len(paths):] + paths[:k % len(paths)],
+                await asyncio.gather(*(_client(args.client, base, ca, sponsor,
+                                               paths[k % len(paths):] + paths[:k % len(paths)],
                                                until, out) for k in range(args.clients)))
 
             started = time.monotonic()
@@ -157,7 +164,7 @@ def main() -> None:
     total = {"requests": int(len(all_lat)), "errors": sum(r["errors"] for r in rows),
              "p50_ms": float(np.percentile(all_lat, 50)), "p99_ms": float(np.percentile(all_lat, 99)),
              "rps": len(all_lat) / wall}
-    t = Table(title=f"Coordinator API, {args.clients} clients x {args.seconds:g} s, {args.workers} workers, "
+    t = Table(title=f"Coordinator API, {args.clients} {args.client} clients x {args.seconds:g} s, {args.workers} workers, "
                     f"{'PostgreSQL' if args.database_url else 'SQLite'}")
     for c in ("endpoint", "requests", "errors", "p50 ms", "p99 ms", "req/s"):
         t.add_column(c, justify="right")

@@ -3,7 +3,8 @@
 Builds a site (a simulated cohort ingested through the CSV pipeline), trains a tiny generator and
 fusion ensemble, installs them as a coordinator-signed bundle, serves the site API with
 `evoclone.site_node.service.serve` in a subprocess on loopback, and runs C concurrent clients
-(asyncio + httpx, keep-alive, a clinician service-account token) for D seconds. Each request is a
+(asyncio + aiohttp, keep-alive, a clinician service-account token; `--client httpx` for the
+earlier load generator, see benchmarks/loadgen.py) for D seconds. Each request is a
 cached twin lookup (warmed first), an uncached prediction (a (patient, arm) never asked before) or
 an uncached generation (a fresh seed). `/health` is the in-run baseline; the server columns are the
 API's own time per request (its Server-Timing header), so the client's queueing shows as the
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import itertools
+import json
 import multiprocessing
 import os
 import random
@@ -34,6 +36,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import CLIENTS, ERRORS, session  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
@@ -96,18 +101,19 @@ def _serve(site_dir: Path, port: int, workers: int) -> subprocess.Popen:
     raise RuntimeError("the site API did not start within 30 s")
 
 
-async def _warm(base: str, token: str, pseudonyms: list[str], count: int) -> None:
+async def _warm(base: str, token: str, pseudonyms: list[str], count: int, client: str) -> None:
     """Cache the twins of the first WARM patients: they are what the cached lookups read."""
     headers = {"Authorization": f"Bearer {token}", "X-Access-Reason": "research"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
+    async with session(client, base, headers=headers) as send:
         for p in pseudonyms[:WARM]:
-            r = await http.post(f"/api/v1/patients/{p}/twins", json={"arm": "treatment", "count": count})
-            r.raise_for_status()
+            r = await send("POST", f"/api/v1/patients/{p}/twins", json={"arm": "treatment", "count": count})
+            if r.status != 200:
+                raise RuntimeError(f"warming the cache: HTTP {r.status} {r.body[:200]!r}")
 
 
 async def _run(base: str, token: str, pseudonyms: list[str], clients: int, seconds: float, count: int,
                cached_only: bool = False, part: int = 0, parts: int = 1, start_at: float = 0.0,
-               ramp: float = 0.0) -> dict:
+               ramp: float = 0.0, client_kind: str = "aiohttp") -> dict:
     """`clients` closed-loop clients (no think time) of load generator `part` of `parts` (each its own patients
     and seeds for the uncached requests, so no two ask the same thing)."""
     headers = {"Authorization": f"Bearer {token}", "X-Access-Reason": "research"}
@@ -123,14 +129,11 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
     why: collections.Counter = collections.Counter()
     cache_misses = {"cached twin lookup": 0}
     twins = [0]
-    # idle connections are dropped after 2 s, before uvicorn closes them at 5 s: otherwise a request sent on a
-    # connection the server is closing fails (ReadError, RemoteProtocolError) and counts as the server's error
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
-                                 limits=httpx.Limits(max_connections=clients + 5, keepalive_expiry=2.0)) as http:
+    async with session(client_kind, base, headers=headers, connections=clients + 5) as send:
         await asyncio.sleep(max(0.0, start_at - time.time()))  # load-generator processes start together
         # then every client opens its keep-alive connection (unmeasured): the run measures requests, not TCP
         # setup; just before the start, since the server closes a connection idle for 5 s
-        await asyncio.gather(*(http.get("/health") for _ in range(clients)))
+        await asyncio.gather(*(send("GET", "/health") for _ in range(clients)))
         deadline = time.perf_counter() + seconds
         settle = deadline - seconds + SETTLE
         rng = random.Random(7 + part)
@@ -142,27 +145,27 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                 if cached_only:  # 95% cached lookups, 5% the baseline
                     x = 0.0 if x < 0.95 else 0.99
                 if x < 0.75:
-                    kind, req = "cached twin lookup", http.post(
-                        f"/api/v1/patients/{rng.choice(warm)}/twins", json={"arm": "treatment", "count": count})
+                    kind, req = "cached twin lookup", send(
+                        "POST", f"/api/v1/patients/{rng.choice(warm)}/twins", json={"arm": "treatment", "count": count})
                 elif x < 0.85:
                     p, arm = next(fresh)
                     kind = "uncached prediction" if (p, arm) not in used_predictions else "cached prediction"
                     used_predictions.add((p, arm))
                     lat.setdefault(kind, []), errors.setdefault(kind, 0), server.setdefault(kind, [])
-                    req = http.get(f"/api/v1/patients/{p}/prediction", params={"arm": arm})
+                    req = send("GET", f"/api/v1/patients/{p}/prediction", params={"arm": arm})
                 elif x < 0.95:
-                    kind, req = "uncached generation", http.post(
-                        f"/api/v1/patients/{rng.choice(pseudonyms)}/twins",
+                    kind, req = "uncached generation", send(
+                        "POST", f"/api/v1/patients/{rng.choice(pseudonyms)}/twins",
                         json={"arm": "control", "count": count, "seed": next(seeds)})
                 else:
-                    kind, req = "/health (baseline)", http.get("/health")
+                    kind, req = "/health (baseline)", send("GET", "/health")
                 t0 = time.perf_counter()
                 try:
                     r = await req
-                    ok = r.status_code == 200
+                    ok = r.status == 200
                     if not ok:
-                        why[f"{kind}: HTTP {r.status_code} {r.text[:120]}"] += 1
-                except httpx.HTTPError as exc:
+                        why[f"{kind}: HTTP {r.status} {r.body[:120].decode(errors='replace')}"] += 1
+                except ERRORS as exc:
                     ok, r = False, None
                     why[f"{kind}: {type(exc).__name__}"] += 1
                 lat[kind].append(time.perf_counter() - t0)
@@ -176,7 +179,7 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                 elif kind == "cached twin lookup" and r.headers.get("x-cache") != "hit":
                     cache_misses[kind] += 1
                 elif kind == "uncached generation":
-                    twins[0] += r.json()["passed"]
+                    twins[0] += json.loads(r.body)["passed"]
 
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -191,14 +194,15 @@ def _part(args: tuple) -> dict:
 
 
 def _load(base: str, token: str, pseudonyms: list[str], clients: int, seconds: float, count: int,
-          cached_only: bool, procs: int, ramp: float) -> dict:
+          cached_only: bool, procs: int, ramp: float, client: str) -> dict:
     """Warm the cache, then run the clients in one process (the default) or spread over `procs` processes."""
-    asyncio.run(_warm(base, token, pseudonyms, count))
+    asyncio.run(_warm(base, token, pseudonyms, count, client))
     if procs <= 1:
-        return asyncio.run(_run(base, token, pseudonyms, clients, seconds, count, cached_only, ramp=ramp))
+        return asyncio.run(_run(base, token, pseudonyms, clients, seconds, count, cached_only, ramp=ramp,
+                                client_kind=client))
     shares = [clients // procs + (i < clients % procs) for i in range(procs)]
     start_at = time.time() + 5  # time for every process to start and import
-    jobs = [(base, token, pseudonyms, n, seconds, count, cached_only, i, procs, start_at, ramp)
+    jobs = [(base, token, pseudonyms, n, seconds, count, cached_only, i, procs, start_at, ramp, client)
             for i, n in enumerate(shares) if n]
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         parts = list(pool.map(_part, jobs))
@@ -228,6 +232,8 @@ def main() -> None:
                     help="seconds over which the clients start, evenly spread (0: all at the same instant)")
     ap.add_argument("--procs", type=int, default=1,
                     help="spread the clients over this many load-generator processes (same mix, no think time)")
+    ap.add_argument("--client", choices=CLIENTS, default="aiohttp",
+                    help="the load generator's HTTP client (httpx costs about 20x more CPU per request)")
     args = ap.parse_args()
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,11 +242,12 @@ def main() -> None:
         proc = _serve(site_dir, args.port, args.workers)
         try:
             res = _load(f"http://127.0.0.1:{args.port}", token, pseudonyms, args.clients, args.seconds, args.count,
-                        args.cached_only, args.procs, args.ramp)
+                        args.cached_only, args.procs, args.ramp, args.client)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-    table = Table(title=f"site API: {args.clients} clients in {args.procs} process(es), started over {args.ramp:g} s, "
+    table = Table(title=f"site API: {args.clients} {args.client} clients in {args.procs} process(es), "
+                        f"started over {args.ramp:g} s, "
                         f"{res['wall']:.0f} s, loopback, {args.workers} worker(s)")
     for col in ("request", "n", "errors", "p50 ms", "p99 ms", "req/s", "server p50 ms", "server p99 ms"):
         table.add_column(col, justify="left" if col == "request" else "right")
