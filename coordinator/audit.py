@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from evoclone.federated.stores.chain import rows_by_seq
 from evoclone.privacy.hashchain import GENESIS, canonical_time, compute_hash
 
 from .models import AuditEvent
@@ -120,17 +121,7 @@ def verify_chain(events: Iterable[AuditEvent | dict[str, Any]], *, from_start: b
 
 def verify_stored_chain(*, session: Session, batch: int = 1000) -> ChainReport:
     """Verify the whole stored chain in seq order, reading in batches."""
-    def rows() -> Iterable[AuditEvent]:
-        after = 0
-        while True:
-            chunk = session.exec(select(AuditEvent).where(AuditEvent.seq > after)
-                                 .order_by(AuditEvent.seq).limit(batch)).all()
-            if not chunk:
-                return
-            yield from chunk
-            after = chunk[-1].seq
-
-    return verify_chain(rows())
+    return verify_chain(rows_by_seq(session=session, table=AuditEvent, batch=batch))
 
 
 def list_events(*, session: Session, after: int = 0, limit: int = 100) -> list[AuditEvent]:

@@ -1,10 +1,11 @@
 """Group commit of the per-request audit trail: each request's event is durable before its response starts.
 
-Requests hand their event to one writer thread per process and wait. The writer takes everything queued
-so far, appends it to the hash chain in one transaction (one chain lock, one read of the head, one insert,
-one commit) and then wakes every request of the batch; while it commits, the next batch queues up. A
-request is answered only after the commit that holds its event returned, so the guarantee is the same as
-one transaction per request, at one commit (one fsync) per batch instead of per request.
+Requests hand their event to one writer thread per process (federated.stores.group_commit) and wait. The
+writer takes everything queued so far, appends it to the hash chain in one transaction (one chain lock, one
+read of the head, one insert, one commit) and then wakes every request of the batch; while it commits, the
+next batch queues up. A request is answered only after the commit that holds its event returned, so the
+guarantee is the same as one transaction per request, at one commit (one fsync) per batch instead of per
+request.
 
 With SQLite, the writers of several API processes also take turns on a lock file next to the database
 (`coordinator.db-audit-lock`): a blocked flock wakes as soon as the other writer commits, where SQLite's
@@ -21,8 +22,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,11 +30,11 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from evoclone.federated.stores.engine import make_engine
+from evoclone.federated.stores.group_commit import GroupCommitWriter
 
 from .audit import append_events
 
 log = logging.getLogger("evoclone.coordinator")
-_STOP = object()
 
 
 class AuditUnavailable(RuntimeError):
@@ -61,33 +60,23 @@ class AuditWriter:
     """
 
     def __init__(self, url: str, *, retry: Callable[[Callable[[], Any]], Any], max_batch: int = 500) -> None:
-        self.url, self.retry, self.max_batch = url, retry, max_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.url, self.retry = url, retry
         self._engine: sa.Engine | None = None
         self._lock_fd: int | None = None
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._writer = GroupCommitWriter(self._commit, name="audit-writer", max_batch=max_batch,
+                                         on_start=self._open)
         self.batches = self.events = 0  # counters for tests and metrics
 
     async def record(self, **fields: Any) -> None:
         """Queue one event (append_event's keyword arguments) and wait until its batch is committed."""
-        self._ensure_started()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._queue.put((fields, loop, done))
+        self._writer.put((fields, loop, done))
         await asyncio.shield(done)  # a cancelled request still has its event written
 
-    def _ensure_started(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                if self._engine is None:
-                    self._open()
-                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                self._thread.start()
-
     def _open(self) -> None:
+        if self._engine is not None:
+            return
         self._engine = durable_engine(self.url)
         database = self._engine.url.database
         if self._engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
@@ -95,35 +84,13 @@ class AuditWriter:
 
     def stop(self, timeout: float = 10) -> None:
         """Write what is queued, stop the thread and close its connections."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-        self._thread = None
+        self._writer.stop(timeout)
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch, stop = [item], False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
 
     def _commit(self, batch: list) -> None:
         error: BaseException | None = None

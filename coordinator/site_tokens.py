@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 
 from sqlmodel import Session, select
 
-from evoclone.privacy.passwords import api_token_hash, new_api_token
+from evoclone.federated.stores.tokens import live_token, mark_revoked
+from evoclone.privacy.passwords import new_api_token
 
 from .errors import AuthenticationFailed, Conflict, NotFound
 from .models import Site, SiteStatus
@@ -50,16 +51,13 @@ def revoke_token(*, session: Session, site_id: int, token_id: int) -> SiteToken:
         raise NotFound(f"site {site_id} has no token {token_id}; list them with GET /api/v1/sites/{site_id}/tokens")
     if row.revoked_at is not None:
         raise Conflict(f"token {token_id} of site {site_id} is already revoked")
-    row.revoked_at = datetime.now(timezone.utc)
-    session.add(row)
-    session.flush()
-    return row
+    return mark_revoked(session=session, row=row, at=datetime.now(timezone.utc))
 
 
 def authenticate_site(*, session: Session, token: str) -> Site:
     """The active site a token speaks for; AuthenticationFailed for an unknown, revoked or orphaned token."""
-    row = session.exec(select(SiteToken).where(SiteToken.token_hash == api_token_hash(token))).first()
-    if row is None or row.revoked_at is not None:
+    row = live_token(session=session, table=SiteToken, token=token)
+    if row is None:
         raise AuthenticationFailed("the site token is unknown or revoked; ask the coordinator admin for a new one "
                                    "(POST /api/v1/sites/{site_id}/tokens)")
     site = session.get(Site, row.site_id)

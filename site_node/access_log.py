@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any
@@ -22,6 +19,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Column, Field, Session, SQLModel, select
 
+from evoclone.federated.stores.chain import rows_by_seq
+from evoclone.federated.stores.group_commit import GroupCommitWriter
 from evoclone.privacy.hashchain import GENESIS, ChainReport, canonical_time, compute_hash, verify_chain
 
 _FIELDS = ("seq", "at", "prev_hash", "actor", "role", "action", "pseudonym", "reason", "outcome", "request_id")
@@ -114,41 +113,18 @@ class AccessLogWriter:
     """
 
     def __init__(self, *, engine: sa.Engine, max_batch: int = 256) -> None:
-        self.engine, self.max_batch = engine, max_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self.engine = engine
+        self._writer = GroupCommitWriter(self._write, name="access-log-writer", max_batch=max_batch)
 
     def submit(self, data: AccessEntryCreate, at: datetime | None = None) -> Future:
         """Queue one entry; the future holds its committed row."""
         fut: Future = Future()
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="access-log-writer", daemon=True)
-                self._thread.start()
-            self._queue.put((data, at, fut))
+        self._writer.put((data, at, fut))
         return fut
 
     async def append(self, data: AccessEntryCreate, at: datetime | None = None) -> AccessEntry:
         """Append one entry and wait (without blocking the event loop) until it is committed."""
         return await asyncio.wrap_future(self.submit(data, at))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._write(batch)
-                    return
-                batch.append(nxt)
-            self._write(batch)
 
     def _write(self, batch: list) -> None:
         # a request that went away still gets its entry written: its data may have been read already
@@ -184,29 +160,14 @@ class AccessLogWriter:
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-            if thread is not None:
-                self._queue.put(None)
-        if thread is not None:
-            thread.join(timeout=30)
-
-
-def _rows(session: Session, batch: int = 1000) -> Iterator[AccessEntry]:
-    after = 0
-    while True:
-        chunk = session.exec(select(AccessEntry).where(AccessEntry.seq > after)
-                             .order_by(AccessEntry.seq).limit(batch)).all()
-        if not chunk:
-            return
-        yield from chunk
-        after = chunk[-1].seq
+        self._writer.stop(timeout=30)
 
 
 def verify_log(*, engine: sa.Engine) -> ChainReport:
     """Verify the whole stored chain in seq order (read in batches)."""
     with Session(engine) as session:
-        return verify_chain(((entry_of(r), r.hash) for r in _rows(session)), what="access-log entry")
+        return verify_chain(((entry_of(r), r.hash) for r in rows_by_seq(session=session, table=AccessEntry)),
+                            what="access-log entry")
 
 
 def chain_head(engine: sa.Engine, *, verify: bool = True) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from evoclone.privacy.passwords import api_token_hash, new_api_token
+from evoclone.federated.stores.tokens import live_token, mark_revoked
+from evoclone.privacy.passwords import new_api_token
 
 from .auth_models import ApiToken, ApiTokenCreate, Role
 from .errors import AuthenticationFailed, Conflict, NotFound
@@ -41,16 +42,13 @@ def revoke_token(*, session: Session, token_id: int, now: datetime) -> ApiToken:
         raise NotFound(f"API token {token_id} does not exist; list tokens with GET /api/v1/tokens")
     if row.revoked_at is not None:
         raise Conflict(f"API token {token_id} is already revoked")
-    row.revoked_at = now
-    session.add(row)
-    session.flush()
-    return row
+    return mark_revoked(session=session, row=row, at=now)
 
 
 def authenticate_token(*, session: Session, token: str) -> ApiToken:
     """The live token row for `token`; AuthenticationFailed for an unknown or revoked one."""
-    row = session.exec(select(ApiToken).where(ApiToken.token_hash == api_token_hash(token))).first()
-    if row is None or row.revoked_at is not None:
+    row = live_token(session=session, table=ApiToken, token=token)
+    if row is None:
         raise AuthenticationFailed("the API token is unknown or revoked; ask a site admin for a new one "
                                    "(POST /api/v1/tokens)")
     return row

@@ -8,37 +8,25 @@ queries run in the pool).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
 import sqlalchemy as sa
-from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi import Depends, Path, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session, select
+
+from evoclone.federated.api_deps import app_engine, app_settings, request_id, role_gate, unauthorized
 
 from ..models import MAX_ID, User
 from ..security import ACCESS, TokenError, decode_token
 from ..settings import CoordinatorSettings
 
 oauth2 = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
-
-
-async def get_app_settings(request: Request) -> CoordinatorSettings:
-    """The settings the app was created with (override with app.dependency_overrides in tests)."""
-    return request.app.state.settings
-
-
-SettingsDep = Annotated[CoordinatorSettings, Depends(get_app_settings)]
-
-
-async def get_engine(request: Request) -> sa.Engine:
-    """The app's database engine."""
-    return request.app.state.engine
-
-
-EngineDep = Annotated[sa.Engine, Depends(get_engine)]
+SettingsDep = Annotated[CoordinatorSettings, Depends(app_settings)]
+EngineDep = Annotated[sa.Engine, Depends(app_engine)]
 
 
 async def get_session(engine: EngineDep) -> AsyncIterator[Session]:
@@ -67,10 +55,6 @@ class Principal:
 
     username: str
     role: str
-
-
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class UserCache:
@@ -111,11 +95,11 @@ async def get_current_user(request: Request, session: SessionDep, settings: Sett
     `user_cache_seconds` per user and process (see UserCache).
     """
     if not token:
-        raise _unauthorized("missing bearer token; get one from POST /api/v1/auth/token")
+        raise unauthorized("missing bearer token; get one from POST /api/v1/auth/token")
     try:
         claims = decode_token(token, settings=settings, type=ACCESS)
     except TokenError as exc:
-        raise _unauthorized(str(exc)) from None
+        raise unauthorized(str(exc)) from None
     cache: UserCache | None = getattr(request.app.state, "users", None)
     known, role = cache.get(claims.subject) if cache is not None else (False, None)
     if not known:
@@ -123,7 +107,7 @@ async def get_current_user(request: Request, session: SessionDep, settings: Sett
         if cache is not None:
             cache.put(claims.subject, role)
     if role is None or role != claims.role:
-        raise _unauthorized("the token's user no longer exists, is disabled or changed role; log in again")
+        raise unauthorized("the token's user no longer exists, is disabled or changed role; log in again")
     request.state.actor, request.state.role = claims.subject, role
     return Principal(claims.subject, role)
 
@@ -131,26 +115,15 @@ async def get_current_user(request: Request, session: SessionDep, settings: Sett
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
 
 
-def require_role(*roles: str) -> Callable[[Principal], Principal]:
+def require_role(*roles: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency that lets only `roles` through (403 for any other authenticated role)."""
-    async def check(user: CurrentUser) -> Principal:
-        if user.role not in roles:
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"role {user.role!r} may not do this; it needs one of: {', '.join(roles)}")
-        return user
-
-    return check
+    return role_gate(get_current_user, roles)
 
 
 AdminUser = Annotated[Principal, Depends(require_role("admin"))]
 SponsorUser = Annotated[Principal, Depends(require_role("sponsor", "admin"))]
 AuditorUser = Annotated[Principal, Depends(require_role("auditor", "admin"))]
 ReaderUser = Annotated[Principal, Depends(require_role("sponsor", "auditor", "admin"))]
-
-
-async def request_id(request: Request) -> str:
-    """The id of this request (set by the service middleware; echoed in X-Request-ID)."""
-    return getattr(request.state, "request_id", "")
 
 
 RequestId = Annotated[str, Depends(request_id)]

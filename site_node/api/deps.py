@@ -13,10 +13,12 @@ from enum import Enum
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import Depends, Header, HTTPException, Path, Query, Request, status
+from fastapi import Depends, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
+
+from evoclone.federated.api_deps import app_engine, app_settings, request_id, role_gate, unauthorized
 
 from ..access_log import AccessLogWriter
 from ..api_tokens import authenticate_token, is_api_token
@@ -31,20 +33,8 @@ bearer = HTTPBearer(auto_error=False, description="an access token from POST /ap
                                                   "account's API token (evs_site_...)")
 
 
-async def get_app_settings(request: Request) -> SiteSettings:
-    """The settings the app was created with."""
-    return request.app.state.settings
-
-
-SettingsDep = Annotated[SiteSettings, Depends(get_app_settings)]
-
-
-async def get_engine(request: Request) -> sa.Engine:
-    """The app's database engine (the site's transactional store)."""
-    return request.app.state.engine
-
-
-EngineDep = Annotated[sa.Engine, Depends(get_engine)]
+SettingsDep = Annotated[SiteSettings, Depends(app_settings)]
+EngineDep = Annotated[sa.Engine, Depends(app_engine)]  # the site's transactional store
 
 
 async def get_session(engine: EngineDep) -> AsyncIterator[Session]:
@@ -102,15 +92,11 @@ class Principal:
         return self.sid is None
 
 
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
-
-
 def get_current_user(request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep, now: NowDep,
                      creds: BearerDep) -> Principal:
     """The caller of a live session's access token, or of a live API token; 401 otherwise."""
     if creds is None or not creds.credentials:
-        raise _unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
+        raise unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
     token = creds.credentials
     if is_api_token(token):
         row = authenticate_token(session=session, token=token)
@@ -135,25 +121,12 @@ CurrentUser = Annotated[Principal, Depends(get_current_user)]
 
 def require_role(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that lets only `roles` through (403 for any other authenticated role)."""
-    allowed = {Role(r).value for r in roles}
-
-    async def check(user: CurrentUser) -> Principal:
-        if user.role not in allowed:
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"role {user.role!r} may not do this; it needs one of: {', '.join(sorted(allowed))}")
-        return user
-
-    return check
+    return role_gate(get_current_user, sorted({Role(r).value for r in roles}))
 
 
 ClinicalUser = Annotated[Principal, Depends(require_role(Role.clinician, Role.site_admin))]
 AdminUser = Annotated[Principal, Depends(require_role(Role.site_admin))]
 AuditorUser = Annotated[Principal, Depends(require_role(Role.auditor, Role.site_admin))]
-
-
-async def request_id(request: Request) -> str:
-    """The id of this request (set by the service middleware; echoed in X-Request-ID)."""
-    return getattr(request.state, "request_id", "")
 
 
 RequestId = Annotated[str, Depends(request_id)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
-import threading
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +15,8 @@ from typer.testing import CliRunner
 
 from evoclone.coordinator.migrate import SchemaError, current, head, schema_differences, table_names, upgrade
 from evoclone.federated.stores.engine import make_engine
+
+from ..concurrency import upgraded_at_once
 
 runner = CliRunner()
 
@@ -88,25 +89,10 @@ def test_adoption_creates_tables_an_older_release_lacked_and_refuses_other_diffe
 
 
 def test_workers_starting_together_migrate_once(db_url):
-    engines = [make_engine(db_url) for _ in range(4)]
-    results, errors = [], []
-
-    def start(e) -> None:
-        try:
-            results.append(upgrade(e))
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == [] and results == ["0001"] * 4
-    with engines[0].connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
-    for e in engines:
-        e.dispose()
+    with upgraded_at_once(db_url, upgrade) as (engines, results, errors):
+        assert errors == [] and results == ["0001"] * 4
+        with engines[0].connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
 
 
 def test_cli_migrate_backs_up_adopts_and_refuses_a_newer_database(state_dir, tmp_path):

@@ -11,6 +11,8 @@ from evoclone.site_node.pipeline import ingest_extract, open_store, rotate_maste
 from evoclone.site_node.settings import get_settings
 from evoclone.site_node.store import SiteStore
 
+from ..concurrency import upgraded_at_once
+
 def _record(pid="P-" + "a" * 32, value=1.0):
     return PatientRecord(patient_id=pid, site="s", baseline={"age": 70.0, "sex": "F"}, arm=Arm.TREATMENT,
                          events=(Event(time=-30, code="13457-7", value=value, unit="mg/dL"),),
@@ -112,27 +114,9 @@ def test_migrations_create_exactly_the_orm_schema(db_url):
 def test_processes_opening_a_new_site_database_together_migrate_it_once(db_url):
     """The SuperNode, a ClientApp and the API may open a new site database at once: one migrates, in one
     transaction, the others wait and find it current."""
-    import threading
-
-    from evoclone.federated.stores.engine import make_engine
     from evoclone.site_node.migrate import current, upgrade
 
-    engines = [make_engine(db_url) for _ in range(4)]
-    errors: list[BaseException] = []
-
-    def start(e) -> None:
-        try:
-            upgrade(e)
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == [] and {current(e) for e in engines} == {"0004"}
-    with engines[0].connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
-    for e in engines:
-        e.dispose()
+    with upgraded_at_once(db_url, upgrade) as (engines, _, errors):
+        assert errors == [] and {current(e) for e in engines} == {"0004"}
+        with engines[0].connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1

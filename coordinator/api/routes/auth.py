@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlmodel import Session
+
+from evoclone.federated.api_deps import form_or_json_body, read_form_or_json
 
 from ...audit import append_event
 from ...errors import AuthenticationFailed
@@ -40,23 +40,14 @@ def _pair(session: Session, settings: CoordinatorSettings, user: User) -> TokenP
     return TokenPair(access_token=access, refresh_token=refresh, expires_in=settings.access_token_minutes * 60)
 
 
-LOGIN_BODY = {"requestBody": {"required": True, "content": {
-    "application/x-www-form-urlencoded": {"schema": LoginRequest.model_json_schema()},
-    "application/json": {"schema": LoginRequest.model_json_schema()}}}}
+LOGIN_BODY = form_or_json_body(LoginRequest, ("application/x-www-form-urlencoded", "application/json"))
 
 
 async def _credentials(request: Request) -> LoginRequest:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    try:
-        if ctype == "application/json":
-            return LoginRequest.model_validate(json.loads(await request.body() or b"null"))
-        if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.form()
-            return LoginRequest.model_validate({k: form.get(k) for k in ("username", "password")})
-    except (ValueError, ValidationError):
-        raise HTTPException(422, "send username and password (1 to 64 and 1 to 256 characters) as a form or "
-                                 "a JSON object") from None
-    raise HTTPException(415, "send the credentials as application/x-www-form-urlencoded or application/json")
+    return await read_form_or_json(
+        request, LoginRequest,
+        invalid="send username and password (1 to 64 and 1 to 256 characters) as a form or a JSON object",
+        unsupported="send the credentials as application/x-www-form-urlencoded or application/json")
 
 
 @router.post("/token", response_model=TokenPair, openapi_extra=LOGIN_BODY,

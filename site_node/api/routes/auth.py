@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import timedelta
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlmodel import select
+
+from evoclone.federated.api_deps import form_or_json_body, read_form_or_json
 
 from ...auth import authenticate, check_rate, create_access_token
 from ...auth_models import SiteUser
@@ -53,23 +54,15 @@ class MePublic(BaseModel):
     service_account: bool
 
 
-LOGIN_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": LoginRequest.model_json_schema()},
-    "application/x-www-form-urlencoded": {"schema": LoginRequest.model_json_schema()}}}}
+LOGIN_BODY = form_or_json_body(LoginRequest, ("application/json", "application/x-www-form-urlencoded"))
 
 
 async def _credentials(request: Request) -> LoginRequest:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    try:
-        if ctype == "application/json":
-            return LoginRequest.model_validate(json.loads(await request.body() or b"null"))
-        if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.form()
-            return LoginRequest.model_validate({k: form.get(k) for k in ("username", "password", "totp_code")})
-    except (ValueError, ValidationError):
-        raise HTTPException(422, "send username, password and totp_code (the 6-digit code of your authenticator "
-                                 "app) as a JSON object or a form") from None
-    raise HTTPException(415, "send the credentials as application/json or application/x-www-form-urlencoded")
+    return await read_form_or_json(
+        request, LoginRequest,
+        invalid="send username, password and totp_code (the 6-digit code of your authenticator app) as a JSON "
+                "object or a form",
+        unsupported="send the credentials as application/json or application/x-www-form-urlencoded")
 
 
 def _pair(request: Request, settings, *, sid: str, username: str, role: str, refresh: str, now) -> TokenPair:
