@@ -45,6 +45,9 @@ def train(
                                                      "(default: .<out>.study beside --out)")] = None,
     secure_aggregation: Annotated[bool, typer.Option(help="SecAgg+: the coordinator sees only the sites' mean "
                                                           "update, never one site's")] = False,
+    arm_shift_share: Annotated[float | None, typer.Option(
+        help="share of --epsilon kept for re-estimating the arm's effect after training (fusion, time-to-event "
+             "and binary endpoints; 0: off; default: the app's, 0.3)", min=0.0, max=0.95)] = None,
     insecure: Annotated[bool, typer.Option(help="test mode: no TLS and no node authentication")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing model directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
@@ -68,7 +71,8 @@ def train(
                         strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, learning_rate=lr,
                         members=members, min_sites=min_sites, patience=patience, seed=seed, insecure=insecure,
                         work_dir=work_dir, force=force, server_eval=server_eval,
-                        secure_aggregation=secure_aggregation)
+                        secure_aggregation=secure_aggregation,
+                        extra_run_config={} if arm_shift_share is None else {"arm-shift-share": arm_shift_share})
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}

@@ -18,12 +18,20 @@ ensemble's members are averaged. Each patient adds (O_i, E_i), or a score and in
 (U_i, I_i), to its own arm's sums, so:
 
 - centrally, without DP, the sums give the estimate exactly;
-- federated, each site sends its four sums once, per-patient terms bounded (O_i and U_i lie in
-  [-1, 1] by construction, E_i and I_i are clipped to [0, c]) and Gaussian noise added: L2
-  sensitivity sqrt(1 + c**2) per patient (one patient moves one arm's pair). That is one
-  Gaussian mechanism with sample rate 1, charged to the site's ledger and composed by its
-  Opacus accountant with the run's training; the coordinator applies the estimator to the
-  summed noisy sums (for binary endpoints, one Newton step from 0).
+- federated, each site sends its four sums once, per-patient terms bounded and Gaussian noise
+  added: L2 sensitivity sqrt(1 + b**2) per patient (one patient moves one arm's pair), where O_i
+  and U_i lie in [-1, 1] by construction and b bounds E_i or I_i. That is one Gaussian mechanism
+  with sample rate 1, charged to the site's ledger and composed by its Opacus accountant with the
+  run's training; the coordinator applies the estimator to the summed noisy sums (for binary
+  endpoints, one Newton step from 0).
+
+  For time to event, E_i is bounded without bias by a hazard budget c (`arm-shift-clip`): each
+  patient's follow-up is cut, for this estimate only, at the last bin where the network's
+  cumulative hazard is still within c, and O_i counts only the events up to that bin. The cut is
+  a stopping time fixed by the network's prediction, not by the outcome, so the Poisson likelihood
+  and its estimate log(O/E) stay unbiased (clipping E_i instead would inflate O/E for high-risk
+  patients); a smaller c lowers the noise and gives up the late follow-up of high-risk patients.
+  For binary endpoints I_i = p(1 - p) is at most 1/4, so b = min(c, 1/4).
 """
 
 from __future__ import annotations
@@ -77,9 +85,11 @@ def apply(endpoint: str, logits: torch.Tensor, gamma: torch.Tensor) -> torch.Ten
     return torch.log(torch.clamp(-torch.expm1(log_surv), min=1e-30)) - log_surv  # logit of h' = 1 - S'
 
 
-def patient_terms(ensemble, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def patient_terms(ensemble, arrays: dict[str, np.ndarray], *, budget: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(arm, a, b) per patient at the unshifted model, averaged over members: observed events and expected
-    events (cumulative hazard over the bins at risk) for time to event; score y - p and information p(1 - p)
+    events (cumulative hazard over the bins at risk) for time to event, each patient's follow-up cut at the
+    last bin where that hazard is within `budget` when one is given; score y - p and information p(1 - p)
     for binary."""
     cfg = ensemble.cfg
     if cfg.endpoint not in ENDPOINTS:
@@ -93,20 +103,32 @@ def patient_terms(ensemble, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, 
     if cfg.endpoint == "time_to_event":
         at_risk, y = _terms(cfg, torch.as_tensor(arrays["time"], dtype=torch.float32),
                             torch.as_tensor(arrays["event"], dtype=torch.float32))
-        observed = (y * at_risk).sum(dim=1).expand(z.shape[0], -1)
-        expected = (-F.logsigmoid(-z) * at_risk[None]).sum(dim=2)
-        return arm, observed.mean(dim=0).numpy(), expected.mean(dim=0).numpy()
+        hazard = (-F.logsigmoid(-z) * at_risk[None]).mean(dim=0)  # (B, K): the members' mean, per bin at risk
+        if budget is not None:  # the stopping time: bins up to the last one within the hazard budget
+            kept = (torch.cumsum(hazard, dim=1) <= budget).double()
+            hazard, y = hazard * kept, y * kept
+        return arm, (y * at_risk).sum(dim=1).numpy(), hazard.sum(dim=1).numpy()
     p = torch.sigmoid(z[..., 0])
     y = torch.as_tensor(arrays["binary"], dtype=torch.float64)
     return arm, (y[None] - p).mean(dim=0).numpy(), (p * (1 - p)).mean(dim=0).numpy()
 
 
+def b_bound(endpoint: str, clip: float) -> float:
+    """The bound of a patient's b-term under `clip`: the hazard budget (time to event), or min(clip, 1/4), as
+    p(1 - p) never exceeds 1/4 (binary)."""
+    if clip <= 0:
+        raise ValueError(f"run config arm-shift-clip must be positive, got {clip}")
+    return float(clip) if endpoint == "time_to_event" else min(float(clip), 0.25)
+
+
 def arm_sums(ensemble, arrays: dict[str, np.ndarray], *, clip: float | None = None) -> np.ndarray:
-    """[a_0, b_0, a_1, b_1]: each arm's sums of the patient terms (b clipped to [0, clip] when `clip`)."""
-    arm, a, b = patient_terms(ensemble, arrays)
+    """[a_0, b_0, a_1, b_1]: each arm's sums of the patient terms; with `clip`, each term bounded (time to
+    event: follow-up cut at the hazard budget `clip`, see the module's docstring)."""
+    endpoint = ensemble.cfg.endpoint
+    arm, a, b = patient_terms(ensemble, arrays, budget=clip if endpoint == "time_to_event" else None)
     a = np.clip(a, -1.0, 1.0)  # already within: O_i is 0 or 1, y - p lies in [-1, 1]
     if clip is not None:
-        b = np.clip(b, 0.0, clip)
+        b = np.clip(b, 0.0, b_bound(endpoint, clip))  # already within, up to rounding
     return np.array([a[arm == 0].sum(), b[arm == 0].sum(), a[arm == 1].sum(), b[arm == 1].sum()])
 
 
@@ -155,13 +177,14 @@ def fit_arm_shift(ensemble, arrays: dict[str, np.ndarray], *, iterations: int = 
     return float(gamma[0]), float(gamma[1])
 
 
-def sensitivity(clip: float) -> float:
-    """L2 sensitivity of a site's four sums to one patient: its a-term in [-1, 1] and b-term in [0, clip]."""
-    return math.sqrt(1.0 + clip ** 2)
+def sensitivity(endpoint: str, clip: float) -> float:
+    """L2 sensitivity of a site's four sums to one patient: its a-term in [-1, 1] and b-term in
+    [0, b_bound(endpoint, clip)]."""
+    return math.sqrt(1.0 + b_bound(endpoint, clip) ** 2)
 
 
 def noised_sums(ensemble, arrays: dict[str, np.ndarray], *, clip: float, noise_multiplier: float,
                 rng: np.random.Generator) -> np.ndarray:
-    """The site's bounded sums with Gaussian noise of sd noise_multiplier * sensitivity(clip) on each coordinate."""
+    """The site's bounded sums with Gaussian noise of sd noise_multiplier * sensitivity on each coordinate."""
     sums = arm_sums(ensemble, arrays, clip=clip)
-    return sums + rng.normal(0.0, noise_multiplier * sensitivity(clip), size=4)
+    return sums + rng.normal(0.0, noise_multiplier * sensitivity(ensemble.cfg.endpoint, clip), size=4)

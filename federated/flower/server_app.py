@@ -391,7 +391,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     from ..arm_shift import estimate
 
     cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
-                        "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 1.0))})
+                        "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
     nodes = list(grid.get_node_ids())
     msgs = [Message(RecordDict({"arrays": pack(tensors), "config": cfg}), dst_node_id=nid,
                     message_type=MessageType.QUERY) for nid in nodes]

@@ -10,8 +10,8 @@ import pytest
 import statsmodels.api as sm
 import torch
 
-from evoclone.federated.arm_shift import _terms, arm_sums, estimate, fit_arm_shift, noised_sums, query_share, \
-    sensitivity
+from evoclone.federated.arm_shift import _terms, apply, arm_sums, estimate, fit_arm_shift, noised_sums, \
+    patient_terms, query_share, sensitivity
 from evoclone.federated.models.fusion import FusionConfig
 from evoclone.federated.predictor import FusionEnsemble
 from evoclone.federated.training import build_model
@@ -91,11 +91,66 @@ def test_a_patient_moves_the_sums_by_at_most_the_sensitivity_and_the_noise_has_t
     for i in range(20):  # removing any one patient changes one arm's pair by at most the sensitivity
         keep = np.arange(len(arrays["static"])) != i
         diff = np.abs(base - arm_sums(ens, {k: v[keep] for k, v in arrays.items()}, clip=clip))
-        assert np.linalg.norm(diff) <= sensitivity(clip) + 1e-9 and np.count_nonzero(diff > 1e-12) <= 2
+        assert np.linalg.norm(diff) <= sensitivity("time_to_event", clip) + 1e-9
+        assert np.count_nonzero(diff > 1e-12) <= 2
     rng = np.random.default_rng(0)
     draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=3.0, rng=rng) for _ in range(400)])
     assert draws.mean(axis=0) == pytest.approx(base, abs=1.5)
     assert draws.std(axis=0) == pytest.approx(np.full(4, 3.0 * np.sqrt(1 + clip ** 2)), rel=0.15)
+
+
+def test_binary_information_terms_are_bounded_by_a_quarter_so_the_noise_is_smaller():
+    ens, arrays = _data("binary", n=300)
+    _, _, info = patient_terms(ens, arrays)
+    assert info.max() <= 0.25
+    assert sensitivity("binary", 1.0) == pytest.approx(np.sqrt(1 + 1 / 16))
+    assert sensitivity("binary", 0.1) == pytest.approx(np.sqrt(1.01))
+    assert sensitivity("time_to_event", 0.5) == pytest.approx(np.sqrt(1.25))
+    with pytest.raises(ValueError, match="arm-shift-clip"):
+        sensitivity("time_to_event", 0.0)
+
+
+def _from_the_network(ens: FusionEnsemble, n: int, gamma: tuple[float, float], seed: int) -> dict[str, np.ndarray]:
+    """Patients whose outcomes follow the network's own discrete hazards with each arm's cumulative hazard
+    scaled by exp(gamma_arm): events early in their bin, survivors censored at the horizon."""
+    ens_data = _data("time_to_event", n=n, seed=seed)[1]
+    cfg, rng = ens.cfg, np.random.default_rng(seed + 1)
+    z = torch.as_tensor(ens.member_outputs(ens_data)[0], dtype=torch.float64)  # (B, K)
+    treated = ens_data["static"][:, ARM] > 0.5
+    g = torch.as_tensor(np.where(treated, gamma[1], gamma[0]))[:, None]
+    hazard = torch.sigmoid(apply("time_to_event", z, g)).numpy()  # per-bin event probability under the shift
+    hit = rng.random(hazard.shape) < hazard
+    first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+    width = cfg.horizon_days / cfg.time_bins
+    ens_data["time"] = np.where(first >= 0, (first + 0.25) * width, cfg.horizon_days).astype(np.float32)
+    ens_data["event"] = (first >= 0).astype(np.float32)
+    return ens_data
+
+
+def test_the_hazard_budget_cuts_follow_up_without_biasing_the_estimate():
+    # the bound of a patient's expected events comes from cutting its follow-up at the last bin within the
+    # budget (a stopping time set by the network, not by the outcome), so log(O/E) stays unbiased; clipping E
+    # instead would inflate the high-risk patients' O/E
+    ens, base = _data("time_to_event")
+    z = ens.member_outputs(base)[0]
+    a = 1.0 / z.std()  # the logit map: patients' hazards spread widely, each bin's hazard small (Poisson regime)
+    ens.calibration = [(a, -4.0 - a * z.mean())]
+    truth = (0.3, -0.4)
+    arrays = _from_the_network(ens, 40_000, truth, seed=3)
+    _, observed, expected = patient_terms(ens, arrays)
+    budget = float(np.quantile(expected, 0.3))  # most patients' follow-up is cut
+    _, o_cut, e_cut = patient_terms(ens, arrays, budget=budget)
+    assert e_cut.max() <= budget + 1e-12 and np.all(e_cut <= expected + 1e-12) and np.all(o_cut <= observed)
+    assert (e_cut < expected - 1e-9).mean() > 0.5
+    full = estimate("time_to_event", arm_sums(ens, arrays))
+    cut = estimate("time_to_event", arm_sums(ens, arrays, clip=budget))
+    assert full == pytest.approx(truth, abs=0.08) and cut == pytest.approx(truth, abs=0.08)
+    e_clipped = np.minimum(expected, budget)  # the biased alternative: the same bound by clipping
+    arm = arrays["static"][:, ARM] > 0.5
+    clipped = [np.log(observed[m].sum() / e_clipped[m].sum()) for m in (~arm, arm)]
+    assert min(clipped[0] - truth[0], clipped[1] - truth[1]) > 0.4
+    # a budget above every patient's hazard cuts nothing
+    assert np.allclose(arm_sums(ens, arrays, clip=float(expected.max()) + 1), arm_sums(ens, arrays))
 
 
 def test_query_share_applies_to_fusion_time_to_event_and_binary_only():
