@@ -94,7 +94,7 @@ def tls_cli_train(trial_csv, tmp_path_factory):
     out, work = base / "model", base / "study"
     cmd = [EVOCLONE, "train", "--data", str(trial_csv), "--site-column", "hospital", "--treatment", "arm",
            "--time", "days", "--event", "died", "--rounds", "2", "--epsilon", "2.0", "--batch-size", "16",
-           "--out", str(out), "--work-dir", str(work), "--json"]
+           "--arm-shift-share", "0.25", "--out", str(out), "--work-dir", str(work), "--json"]
     run = _Background(cmd, base)
     yield run, out, work
     run.stop()
@@ -290,6 +290,9 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
         ledger = _ledger(work / "sites" / s["name"])  # one charge per round and the arm-effect query, same total
         assert [c["round"] for c in ledger["charges"]] == [1, 2, 0]
         assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
+        # --arm-shift-share 0.25: training planned for 75% of epsilon 2, the query took the run to its target
+        assert 1.5 - 0.011 <= ledger["charges"][1]["epsilon_after"] <= 1.5 + 1e-6
+        assert 2.0 - 0.011 <= ledger["charges"][2]["epsilon_after"] <= 2.0 + 1e-6
     # TLS and node authentication were on: every site has a key pair issued from the study PKI
     assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
     # the model directory works with the twins commands and records its lineage
