@@ -291,8 +291,9 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
         assert [c["round"] for c in ledger["charges"]] == [1, 2, 0]
         assert ledger["epsilon_spent"] == pytest.approx(s["epsilon_spent"], abs=1e-3)
         # --arm-shift-share 0.25: training planned for 75% of epsilon 2, the query took the run to its target
-        assert 1.5 - 0.011 <= ledger["charges"][1]["epsilon_after"] <= 1.5 + 1e-6
-        assert 2.0 - 0.011 <= ledger["charges"][2]["epsilon_after"] <= 2.0 + 1e-6
+        assert ledger["charges"][1]["epsilon_after"] == pytest.approx(1.5, abs=0.011)
+        assert ledger["charges"][2]["epsilon_after"] == pytest.approx(2.0, abs=0.011)
+        assert ledger["charges"][2]["epsilon_after"] <= 2.0 + 1e-9
     # TLS and node authentication were on: every site has a key pair issued from the study PKI
     assert all((work / "pki" / f"{s}.node.pub").is_file() for s in ("h1", "h2", "h3"))
     # the model directory works with the twins commands and records its lineage
