@@ -81,19 +81,30 @@ def _lock(session: Session) -> None:
         session.execute(sa.text("DELETE FROM access_log WHERE 0"))
 
 
-def append_access(*, session: Session, data: AccessEntryCreate, at: datetime | None = None) -> AccessEntry:
-    """Add the next link in the caller's transaction (the caller commits, with the change it records)."""
+def append_many(*, session: Session, items: list[tuple[AccessEntryCreate, datetime | None]]) -> list[AccessEntry]:
+    """Add several links, in order, in the caller's transaction (the caller commits, with the change they
+    record): one lock, one read of the chain's head, one insert."""
     _lock(session)
     # Core statements on the table: the ORM's unit of work doubled the cost of an append, and every read of
     # patient data makes one
     table = AccessEntry.__table__
     last = session.execute(sa.select(table.c.seq, table.c.hash).order_by(table.c.seq.desc()).limit(1)).first()
-    values = {**data.model_dump(), "seq": (last[0] + 1) if last else 1,
-              "at": (at or datetime.now(timezone.utc)).astimezone(timezone.utc),
-              "prev_hash": last[1] if last else GENESIS}
-    values["hash"] = compute_hash(values["prev_hash"], entry_of(values))
-    session.execute(sa.insert(table), [values])
-    return AccessEntry(**values)
+    seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS)
+    rows = []
+    for data, at in items:
+        seq += 1
+        values = {**data.model_dump(), "seq": seq, "at": (at or datetime.now(timezone.utc)).astimezone(timezone.utc),
+                  "prev_hash": prev_hash}
+        values["hash"] = prev_hash = compute_hash(prev_hash, entry_of(values))
+        rows.append(values)
+    if rows:
+        session.execute(sa.insert(table), rows)
+    return [AccessEntry(**values) for values in rows]
+
+
+def append_access(*, session: Session, data: AccessEntryCreate, at: datetime | None = None) -> AccessEntry:
+    """Add the next link in the caller's transaction (the caller commits, with the change it records)."""
+    return append_many(session=session, items=[(data, at)])[0]
 
 
 def record_access(*, engine: sa.Engine, data: AccessEntryCreate, at: datetime | None = None) -> AccessEntry:
@@ -131,7 +142,7 @@ class AccessLogWriter:
         live = [fut.set_running_or_notify_cancel() for _, _, fut in batch]
         try:
             with Session(self.engine, expire_on_commit=False) as session:
-                rows = [append_access(session=session, data=d, at=at) for d, at, _ in batch]
+                rows = append_many(session=session, items=[(d, at) for d, at, _ in batch])
                 session.commit()
         except Exception as exc:  # noqa: BLE001 (every waiter hears of the failure)
             if len(batch) > 1:

@@ -9,7 +9,10 @@ from sqlmodel import create_engine
 def make_engine(url: str) -> sa.Engine:
     """An engine for `url`; pre-ping replaces connections the PostgreSQL server dropped."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # as many pooled connections as the API's thread pool has threads (40): the default 5 (+10 overflow,
+        # opened and closed per checkout) made each request under load open a connection and set its pragmas
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
+                               max_overflow=10)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # WAL: readers never wait for the log writer
