@@ -153,7 +153,9 @@ def accuracy(args) -> dict:
     """Each dataset `--reps` times (new site keys, so new splits; new seeds): means and sds."""
     out = {"what": "accuracy", "epsilon": args.epsilon, "rounds": args.rounds, "strategy": args.strategy,
            "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
-    extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model}
+    # the target is the prognostic model's accuracy at --epsilon per site: by default the whole budget trains it
+    # (--arm-shift-share > 0 keeps that share for the post-training arm-effect query, as `evoclone train` does)
+    extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model, "arm-shift-share": args.arm_shift_share}
     for dataset in args.datasets.split(","):
         reps = []
         for rep in range(args.reps):
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="accuracy: repetitions (new splits and seeds)")
     ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--d-model", type=int, default=16, help="fusion model width (DP noise grows with parameters)")
+    ap.add_argument("--arm-shift-share", type=float, default=0.0,
+                    help="accuracy: share of epsilon kept for the arm-effect query (0: all of it trains the model)")
     ap.add_argument("--scale-sites", type=int, default=100)
     ap.add_argument("--scale-patients", type=int, default=8000)
     ap.add_argument("--scale-batch", type=int, default=16)
