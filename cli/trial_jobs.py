@@ -239,9 +239,12 @@ def simulate(opts: SimulateOptions, *, on_progress: Progress | None = None) -> t
                               f"{len(np.unique(tt.patient))} patients; retrain the generator or raise --max-tries")
     rows = np.asarray(table.row_ids)
     subgroups = {c: v[rows] for c, v in labels.items()}
+    # the re-estimated arm effect's own uncertainty (sampling and, federated, the DP noise of its query)
+    effect = entry.get("arm_effect") or {}
+    effect_se = float(effect.get("se") or 0.0) if tt.endpoint == "time_to_event" and source == "predictor" else 0.0
     try:
         doc = trial_effect(tt, n_patients=len(table.records), subgroups=subgroups, bootstrap=opts.bootstrap,
-                           alpha=opts.alpha, seed=opts.seed,
+                           alpha=opts.alpha, seed=opts.seed, log_effect_se=effect_se,
                            on_progress=lambda d, t: progress("bootstrap", d, t))
     except ValueError as exc:
         raise TrialInputError(str(exc)) from None
@@ -251,7 +254,8 @@ def simulate(opts: SimulateOptions, *, on_progress: Progress | None = None) -> t
     out = {"endpoint": tt.endpoint, "comparison": f"{arm_names['1']} vs {arm_names['0']}", **doc,
            "twins_per_patient": opts.twins, "rejected_by_quality_gate": tt.rejected, "source": source,
            "model_uncertainty": (f"bootstrap over {tt.members} ensemble members" if tt.members > 1 else
-                                 "one model: the interval covers patient and twin sampling only"),
+                                 "one model: the interval covers patient and twin sampling only")
+           + (f"; the arm effect's standard error ({effect_se:.3f} on the log scale)" if effect_se else ""),
            "patients": len(table.records), "dropped_missing": 0, "horizon_days": horizon,
            "model": {"dir": str(opts.model_dir), "sha256": entry.get("sha256"), "epsilon": entry.get("epsilon")}}
     report = {"twins": {str(a): {k: v[tt.arm == a] for k, v in tt.outcome().items()} for a in (0, 1)}, "real": None}

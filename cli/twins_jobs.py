@@ -268,7 +268,7 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
                  on_step: Progress | None = None) -> dict:
     """Fit the feature spec, train a calibrated (DP) deep ensemble, save it; returns the --json summary."""
     from evoclone.federated.arm_shift import ENDPOINTS as ARM_SHIFT_ENDPOINTS
-    from evoclone.federated.arm_shift import arm_index, fit_arm_shift
+    from evoclone.federated.arm_shift import arm_index, arm_sums, effect_se, fit_arm_shift
     from evoclone.federated.features import FeatureSpec, encode_cohort
     from evoclone.federated.models.fusion import FusionConfig
     from evoclone.federated.predictor import PREDICTOR_HORIZON_QUANTILE, ensemble_history, train_ensemble
@@ -296,7 +296,12 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     ensemble, results = train_ensemble(cfg, train, val, tcfg, members=members, dp=dp, on_step=on_step)
     if dp is None and endpoint in ARM_SHIFT_ENDPOINTS:  # the arm's effect, unshrunk (federated.arm_shift)
         ensemble.arm_column = arm_index(spec)
-        ensemble.arm_shift = fit_arm_shift(ensemble, subset(arrays, None, endpoint))
+        pooled = subset(arrays, None, endpoint)
+        ensemble.arm_shift = fit_arm_shift(ensemble, pooled)
+    arm_effect = None
+    if ensemble.arm_shift is not None:  # its standard error goes into the in-silico trials' intervals
+        arm_effect = {"status": "fitted", "log_effect": ensemble.arm_shift[1] - ensemble.arm_shift[0],
+                      "se": effect_se(endpoint, arm_sums(ensemble, pooled))}
     spent = _spent([ensemble_history(results)], delta)
     value = _metric(endpoint, val, ensemble.predict(val)["risk"]) if len(val["static"]) else float("nan")
     metric = METRICS[endpoint]
@@ -307,7 +312,8 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
                        "columns": {**cols.to_dict(), "covariates": table.covariates}, "arm_levels": {str(k): int(v) for k, v in table.arm_levels.items()},
                        "train": asdict(tcfg), "risk_definition": RISK_DEFINITIONS[endpoint].format(h=horizon),
                        "patients": {"train": len(train["static"]), "val": len(val["static"])},
-                       "metrics": {f"val_{metric}": None if math.isnan(value) else round(value, 4)}})
+                       "metrics": {f"val_{metric}": None if math.isnan(value) else round(value, 4)},
+                       **({"arm_effect": arm_effect} if arm_effect else {})})
     return {"metric": metric, "value": None if math.isnan(value) else round(value, 4), "epsilon": spent,
             "delta": delta if spent is not None else None}
 

@@ -145,6 +145,27 @@ def estimate(endpoint: str, sums: np.ndarray) -> tuple[float, float] | None:
     return a0 / b0, a1 / b1
 
 
+def standard_errors(endpoint: str, sums: np.ndarray, noise_var: float = 0.0) -> tuple[float, float]:
+    """Delta-method standard errors of (gamma_0, gamma_1) = estimate(endpoint, sums): the estimate's own
+    sampling error (Poisson events, 1/O; binary, the inverse information 1/I at the unshifted model) plus,
+    for noised sums, the noise's, where `noise_var` is each sum's noise variance (summed over the sites)."""
+    a0, b0, a1, b1 = (float(x) for x in sums)
+    out = []
+    for a, b in ((a0, b0), (a1, b1)):
+        if endpoint == "time_to_event":  # gamma = log(a / b)
+            var = 1.0 / a + noise_var * (1.0 / a ** 2 + 1.0 / b ** 2)
+        else:  # gamma = a / b
+            var = 1.0 / b + noise_var * (1.0 / b ** 2 + a ** 2 / b ** 4)
+        out.append(math.sqrt(var))
+    return out[0], out[1]
+
+
+def effect_se(endpoint: str, sums: np.ndarray, noise_var: float = 0.0) -> float:
+    """Standard error of the log effect gamma_1 - gamma_0 (the arms' estimates are independent)."""
+    se0, se1 = standard_errors(endpoint, sums, noise_var)
+    return math.hypot(se0, se1)
+
+
 def fit_arm_shift(ensemble, arrays: dict[str, np.ndarray], *, iterations: int = 50, tol: float = 1e-10
                   ) -> tuple[float, float] | None:
     """Maximum-likelihood gammas on pooled data (no DP): closed form for time to event; for binary, Newton's

@@ -219,9 +219,14 @@ def _too_few(tt: TwinTable, mask: np.ndarray, n_patients: int) -> str | None:
 
 
 def trial_effect(tt: TwinTable, *, n_patients: int, subgroups: dict[str, np.ndarray] | None = None,
-                 bootstrap: int = 200, alpha: float = 0.05, seed: int = 0,
+                 bootstrap: int = 200, alpha: float = 0.05, seed: int = 0, log_effect_se: float = 0.0,
                  on_progress: Callable[[int, int], None] | None = None) -> dict:
     """The effect of arm 1 vs 0 with percentile-bootstrap intervals, overall and per subgroup.
+
+    `log_effect_se` (time to event): the standard error of the model's re-estimated arm effect
+    (federated.arm_shift), which every twin of an arm carries alike, so neither patients nor members
+    resample it: each replicate also draws the effect from N(estimate, se^2), which moves every
+    hazard ratio of the replicate by the same factor (proportional hazards).
 
     subgroups maps a column name to each patient's label (n_patients,), None for missing.
     Returns {"effect", ["effect_difference"], "arms", "subgroups", "bootstrap", "alpha",
@@ -254,8 +259,12 @@ def trial_effect(tt: TwinTable, *, n_patients: int, subgroups: dict[str, np.ndar
     for b in range(bootstrap):
         wp = rng.multinomial(n_patients, np.full(n_patients, 1 / n_patients))
         wm = rng.multinomial(tt.members, np.full(tt.members, 1 / tt.members)) if tt.members > 1 else np.ones(1)
+        shift = float(np.exp(rng.normal(0.0, log_effect_se))) if log_effect_se > 0 else 1.0
         for g, t in sub.items():
-            reps[g].append(_effects(t, wp[t.patient] * wm[t.member], cox.get(g)))
+            r = _effects(t, wp[t.patient] * wm[t.member], cox.get(g))
+            if tt.endpoint == "time_to_event":
+                r["hazard_ratio"] *= shift
+            reps[g].append(r)
         if on_progress:
             on_progress(b + 1, bootstrap)
     failed = 0

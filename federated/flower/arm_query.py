@@ -29,7 +29,7 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
     """Reply to an arm-shift query: the noised sums, or a typed refusal with the reason."""
     from evoclone.privacy.accounting import LedgerEntry, calibrate_noise, epsilon_of
 
-    from ..arm_shift import arm_index, noised_sums
+    from ..arm_shift import arm_index, noised_sums, sensitivity
     from ..features import FeatureSpec
     from ..stores.ledger import LedgerMismatchError, SqlLedgerStore
     from ..training import concat
@@ -37,6 +37,7 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
 
     rc = context.run_config
     cfg = msg.content["config"]
+    noise_sd = lambda sigma: sigma * sensitivity(str(rc["endpoint"]), float(cfg["clip"]))  # noqa: E731
     key = run_key(context)
     store = SqlLedgerStore(url=node["ledger"])
     ledger = None
@@ -53,7 +54,8 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
             except ValueError as exc:
                 return _reply(msg, node, ledger, refused=str(exc))
             return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
-                                                accountant=ledger.accountant), sums=kept["sums"])
+                                                accountant=ledger.accountant), sums=kept["sums"],
+                          noise_sd=noise_sd(kept["charge"]["noise_multiplier"]))
         task = task_for(rc)
         vocab = json.loads(str(cfg["vocabulary"]))
         data = encoded(task, node, vocab)
@@ -85,7 +87,7 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
             kept_path.unlink(missing_ok=True)
             return _reply(msg, node, ledger, refused=str(exc))
         return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
-                                            accountant=ledger.accountant), sums=sums)
+                                            accountant=ledger.accountant), sums=sums, noise_sd=noise_sd(sigma))
     finally:
         store.close()
 
@@ -99,7 +101,8 @@ def _safe(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
-def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None, refused: str = "") -> Message:
+def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None, noise_sd: float = 0.0,
+           refused: str = "") -> Message:
     site = ConfigRecord({"site": node["site"], "status": STATUS_REFUSED if refused else STATUS_OK})
     if refused:
         site["reason"] = refused
@@ -110,5 +113,6 @@ def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None,
                                  "delta": ledger.delta if ledger else node["delta"]}),
     })
     if sums is not None:
-        content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums)})
+        # the noise's sd is public (the noise multiplier times the sensitivity): the coordinator's standard error
+        content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums), "noise-sd": float(noise_sd)})
     return Message(content=content, reply_to=msg)

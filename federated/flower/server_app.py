@@ -388,7 +388,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     """Per-arm gammas of the final model from the sites' noised sums (observed and expected events, or score and
     information; federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what
     happened."""
-    from ..arm_shift import estimate
+    from ..arm_shift import effect_se, estimate
 
     cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
                         "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
@@ -396,7 +396,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     msgs = [Message(RecordDict({"arrays": pack(tensors), "config": cfg}), dst_node_id=nid,
                     message_type=MessageType.QUERY) for nid in nodes]
     replies = send_and_receive(grid, msgs, timeout=timeout)
-    participation, total = [], np.zeros(4)
+    participation, total, noise_var = [], np.zeros(4), 0.0
     for msg in replies:
         if msg.has_error():
             participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
@@ -408,7 +408,9 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
         entry = {"site": name, "status": status, "epsilon_spent": float(m.get("epsilon", 0.0)),
                  "epsilon_budget": privacy.get("epsilon-budget")}
         if status == STATUS_OK:
-            total += np.asarray(json.loads(str(msg.content.config_records["arm-shift"]["sums"])), dtype=float)
+            answer = msg.content.config_records["arm-shift"]
+            total += np.asarray(json.loads(str(answer["sums"])), dtype=float)
+            noise_var += float(answer.get("noise-sd", 0.0)) ** 2
         else:
             entry["reason"] = str(site.get("reason", ""))
         participation.append(entry)
@@ -419,7 +421,8 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     step = estimate(str(rc["endpoint"]), total)
     if step is None:
         return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
-    return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0]}
+    return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0],
+            "se": effect_se(str(rc["endpoint"]), total, noise_var)}
 
 
 def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None = None, timeout: float = 0.0,
@@ -451,7 +454,7 @@ def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None 
              "metrics": {f"val_{metric}": _num(best.get("val_metric")), "val_loss": _num(best.get("val_loss"))},
              "tertiles": ev.get("tertiles"), "residual_sd": ev.get("residual_sd", 0.0)}
     if arm is not None:
-        extra["arm_effect"] = {k: arm[k] for k in ("status", "reason", "log_effect", "sites") if k in arm}
+        extra["arm_effect"] = {k: arm[k] for k in ("status", "reason", "log_effect", "se", "sites") if k in arm}
         if arm["status"] == "fitted":
             extra["arm_shift"] = (arm["control"], arm["treatment"])
     extra.update(json.loads(str(rc.get("manifest-extra", "")) or "{}"))

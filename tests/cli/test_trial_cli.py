@@ -57,6 +57,9 @@ def test_simulate_prints_effect_arms_subgroups_and_real_comparison(trained, tmp_
     assert {("sex", "F"), ("sex", "M")} <= groups and len([g for g in groups if g[0] == "risk"]) == 2
     assert sum(s["n"] for s in doc["subgroups"] if s["column"] == "sex") == 120
     assert doc["source"] == "predictor" and "3 ensemble members" in doc["model_uncertainty"]
+    # the re-estimated arm effect's standard error (1/O per arm, no DP here) widens the interval too
+    se = json.loads((trained / "model" / "manifest.json").read_text())["components"]["predictor"]["arm_effect"]["se"]
+    assert 0.05 < se < 1 and f"standard error ({se:.3f}" in doc["model_uncertainty"]
     # the cohort has outcomes and arms: the observed effect is the lifelines Cox fit of its own arms
     assert doc["real"]["effect"]["measure"] == "hazard_ratio" and doc["real"]["effect"]["estimate"] < 1
     html = (tmp_path / "t.html").read_text()

@@ -10,8 +10,8 @@ import pytest
 import statsmodels.api as sm
 import torch
 
-from evoclone.federated.arm_shift import _terms, apply, arm_sums, estimate, fit_arm_shift, noised_sums, \
-    patient_terms, query_share, sensitivity
+from evoclone.federated.arm_shift import _terms, apply, arm_sums, effect_se, estimate, fit_arm_shift, \
+    noised_sums, patient_terms, query_share, sensitivity, standard_errors
 from evoclone.federated.models.fusion import FusionConfig
 from evoclone.federated.predictor import FusionEnsemble
 from evoclone.federated.training import build_model
@@ -37,7 +37,7 @@ def _data(endpoint: str, n: int = 600, seed: int = 0) -> tuple[FusionEnsemble, d
     return ens, arrays
 
 
-def _reference(ens: FusionEnsemble, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def _reference_fit(ens: FusionEnsemble, arrays: dict[str, np.ndarray]):
     """statsmodels with the arm indicators as the only covariates and the network as offset: a Poisson GLM of
     each patient's events with its cumulative hazard over the bins at risk as exposure (time to event), or a
     Binomial GLM with the logit as offset (binary)."""
@@ -49,9 +49,12 @@ def _reference(ens: FusionEnsemble, arrays: dict[str, np.ndarray]) -> np.ndarray
                                                 torch.as_tensor(arrays["event"])))
         events = (y * at_risk).sum(axis=1)
         exposure = (np.log1p(np.exp(z)) * at_risk).sum(axis=1)  # -log(1 - sigmoid(z)) per bin at risk
-        return sm.GLM(events, X, family=sm.families.Poisson(), exposure=exposure).fit(tol=1e-12).params
-    fit = sm.GLM(arrays["binary"].astype(float), X, family=sm.families.Binomial(), offset=z[:, 0]).fit(tol=1e-12)
-    return fit.params
+        return sm.GLM(events, X, family=sm.families.Poisson(), exposure=exposure).fit(tol=1e-12)
+    return sm.GLM(arrays["binary"].astype(float), X, family=sm.families.Binomial(), offset=z[:, 0]).fit(tol=1e-12)
+
+
+def _reference(ens: FusionEnsemble, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return _reference_fit(ens, arrays).params
 
 
 @pytest.mark.parametrize("endpoint", ["time_to_event", "binary"])
@@ -75,6 +78,23 @@ def test_the_shifts_are_the_maximum_likelihood_fit_with_the_network_as_offset(en
     again = FusionEnsemble.from_state(ens.meta(), ens.state_tensors())
     assert again.arm_shift == pytest.approx(shift) and again.arm_column == ARM
     assert np.allclose(again.member_outputs(arrays), after, atol=1e-6)
+
+
+@pytest.mark.parametrize("endpoint", ["time_to_event", "binary"])
+def test_standard_errors_are_the_glms_plus_the_noise_of_the_sums(endpoint):
+    ens, arrays = _data(endpoint)
+    sums = arm_sums(ens, arrays)
+    ref = _reference_fit(ens, arrays).bse
+    # time to event: 1/O per arm is the Poisson GLM's variance exactly; binary: the information at the
+    # unshifted model (the one Newton step the federated estimate takes) against the GLM's at its optimum
+    tol = dict(abs=1e-6) if endpoint == "time_to_event" else dict(rel=0.1)
+    assert standard_errors(endpoint, sums) == pytest.approx(tuple(ref), **tol)
+    noisy = standard_errors(endpoint, sums, noise_var=25.0)
+    assert all(n > p for n, p in zip(noisy, standard_errors(endpoint, sums)))
+    if endpoint == "time_to_event":
+        a0, b0, _, _ = sums
+        assert noisy[0] ** 2 == pytest.approx(1 / a0 + 25.0 * (1 / a0 ** 2 + 1 / b0 ** 2))
+    assert effect_se(endpoint, sums, 25.0) == pytest.approx(np.hypot(*noisy))
 
 
 def test_the_estimator_from_summed_sums_and_too_little_information():

@@ -102,6 +102,20 @@ def test_hazard_ratio_of_twins_recovers_the_models_effect_and_subgroups():
     assert 0.55 < doc["effect"]["estimate"] < 1.0 and doc["bootstrap_failed"] == 0
 
 
+def test_the_arm_effects_standard_error_widens_the_hazard_ratio_interval_on_the_log_scale():
+    patients, members = 300, 3
+    logits = np.full((members, patients, 8), np.log(0.08 / 0.92))
+    tt = predictor_twins({0: logits, 1: logits + np.log(0.6)}, endpoint="time_to_event", n=10, horizon=800.0,
+                         residual_sd=0, seed=2)
+    plain = trial_effect(tt, n_patients=patients, bootstrap=400, seed=3)["effect"]
+    wide = trial_effect(tt, n_patients=patients, bootstrap=400, seed=3, log_effect_se=0.3)["effect"]
+    assert wide["estimate"] == plain["estimate"]  # the point estimate is the model's
+    half = lambda e: (np.log(e["ci_high"]) - np.log(e["ci_low"])) / 2  # noqa: E731
+    # independent errors add in variance: sqrt(plain^2 + 0.3^2) on the log scale (percentiles: 15%)
+    assert half(wide) == pytest.approx(np.hypot(half(plain), 1.96 * 0.3), rel=0.15)
+    assert half(wide) > 2 * half(plain)
+
+
 def test_bad_parameters_are_refused():
     tt = _binary_table(False, patients=20)
     with pytest.raises(ValueError, match="bootstrap"):
