@@ -299,7 +299,7 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
         pooled = subset(arrays, None, endpoint)
         ensemble.arm_shift = fit_arm_shift(ensemble, pooled)
     arm_effect = None
-    if ensemble.arm_shift is not None:  # its standard error goes into the in-silico trials' intervals
+    if dp is None and ensemble.arm_shift is not None:  # its standard error goes into in-silico trials' intervals
         arm_effect = {"status": "fitted", "log_effect": ensemble.arm_shift[1] - ensemble.arm_shift[0],
                       "se": effect_se(endpoint, arm_sums(ensemble, pooled))}
     spent = _spent([ensemble_history(results)], delta)
