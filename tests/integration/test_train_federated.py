@@ -13,6 +13,9 @@ import pytest
 
 from evoclone.federated.tabular import OutcomeColumns
 
+from .processes import Background as _Background
+from .processes import Concurrent as _Concurrent
+
 pytestmark = pytest.mark.slow
 EVOCLONE = str(Path(sys.executable).parent / "evoclone")
 
@@ -52,35 +55,6 @@ def _ledger(site_dir: Path) -> dict:
     r = _evoclone("site", "budget", "--site-dir", str(site_dir), "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-class _Background:
-    """A command running in the background with stdout and stderr in files; `result` waits for it like
-    subprocess.run(capture_output=True, text=True, timeout=...) and returns its CompletedProcess."""
-
-    def __init__(self, cmd: list[str], log_dir: Path) -> None:
-        self.out, self.err = log_dir / "stdout", log_dir / "stderr"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-
-    def result(self, timeout: float) -> subprocess.CompletedProcess:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
-                                           self.err.read_text())
-
-    def stop(self) -> None:
-        """SIGTERM (`evoclone train` then stops every Flower process it started), SIGKILL if that hangs."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 TLS_TEST = "test_train_with_tls_node_auth_and_approval"
@@ -308,35 +282,6 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
         for f in area.rglob("*"):
             if f.is_file():
                 assert b"MRN9" not in f.read_bytes(), f"{f} holds a raw patient id"
-
-
-class _Concurrent:
-    """Subprocesses started together; `result` gives subprocess.run's CompletedProcess (same 120 s limit)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.procs.append(proc)
-        return proc
-
-    def result(self, proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
-        self.procs.remove(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def kill(self) -> None:
-        """Stop and reap whatever was not collected (a check failed before its turn)."""
-        for proc in self.procs:
-            proc.kill()
-            proc.communicate()
-        self.procs.clear()
 
 
 def _kill_tree(group, name: str) -> None:
