@@ -294,14 +294,14 @@ def train_fusion(table: TabularData, *, out: Path, cols: Columns, data_fp: str, 
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     dp = _privacy(epsilon, delta, len(train["static"]), tcfg, runs=members)  # members compose
     ensemble, results = train_ensemble(cfg, train, val, tcfg, members=members, dp=dp, on_step=on_step)
+    arm_effect = None
     if dp is None and endpoint in ARM_SHIFT_ENDPOINTS:  # the arm's effect, unshrunk (federated.arm_shift)
         ensemble.arm_column = arm_index(spec)
         pooled = subset(arrays, None, endpoint)
         ensemble.arm_shift = fit_arm_shift(ensemble, pooled)
-    arm_effect = None
-    if dp is None and ensemble.arm_shift is not None:  # its standard error goes into in-silico trials' intervals
-        arm_effect = {"status": "fitted", "log_effect": ensemble.arm_shift[1] - ensemble.arm_shift[0],
-                      "se": effect_se(endpoint, arm_sums(ensemble, pooled))}
+        if ensemble.arm_shift is not None:  # its standard error goes into the in-silico trials' intervals
+            arm_effect = {"status": "fitted", "log_effect": ensemble.arm_shift[1] - ensemble.arm_shift[0],
+                          "se": effect_se(endpoint, arm_sums(ensemble, pooled))}
     spent = _spent([ensemble_history(results)], delta)
     value = _metric(endpoint, val, ensemble.predict(val)["risk"]) if len(val["static"]) else float("nan")
     metric = METRICS[endpoint]
