@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 import sqlalchemy as sa
 from sqlmodel import create_engine
+
+_BUSY_WAIT_S = 30.0
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -17,7 +22,7 @@ def make_engine(url: str) -> sa.Engine:
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # WAL: readers never wait for the log writer
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cur)
             # WAL with synchronous=NORMAL: a commit is atomic and survives a crash of the process, and the
             # fsync happens at checkpoints instead of on every commit (SQLite's recommended WAL setting)
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -26,6 +31,28 @@ def make_engine(url: str) -> sa.Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+
+
+def _use_wal(cur) -> None:
+    """Switch the database file to WAL (a persistent setting: later connections find it already set).
+
+    SQLite answers a journal-mode change with SQLITE_BUSY at once, without its busy handler, while another
+    connection holds a lock; processes opening a new database together (workers starting at once) retry here
+    for as long as a busy connection would wait.
+    """
+    if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    deadline = time.monotonic() + _BUSY_WAIT_S
+    delay = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def ping(engine: sa.Engine) -> None:
