@@ -5,6 +5,7 @@ Every error a service returns is `{"detail": "<one line>"}`; domain errors map t
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Mapping
 
@@ -13,6 +14,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
+
+
+def freeze_startup_objects() -> None:
+    """Move what startup made (modules, routes, schemas, pools) out of the garbage collector's sight.
+
+    A served API process keeps those objects for its whole life; frozen, the collector's full passes skip
+    them. Unfrozen, each full pass walked them all while every request in flight waited (50-60 ms pauses
+    under load, which set the p99 latency). Call once, at the end of a served app's startup.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def one_line(text: object) -> str:

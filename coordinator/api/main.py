@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from evoclone.federated.api_common import freeze_startup_objects
+
 from ..audit_writer import AuditWriter
 from ..db import create_tables, make_engine, with_retry
 from ..settings import CoordinatorSettings, get_settings
@@ -26,8 +28,9 @@ def api_router() -> APIRouter:
     return router
 
 
-def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
-    """Build the app for `settings` (by default the cached get_settings()); tables are created at start."""
+def create_app(settings: CoordinatorSettings | None = None, *, serving: bool = False) -> FastAPI:
+    """Build the app for `settings` (by default the cached get_settings()); tables are created at start.
+    `serving` (a process that serves only this app): what startup made is frozen out of the collector's passes."""
     settings = settings or get_settings()
     engine = make_engine(settings)
     audit = AuditWriter(settings.db_url, retry=lambda write: with_retry(write, seconds=settings.db_retry_seconds))
@@ -35,6 +38,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         with_retry(lambda: create_tables(engine), seconds=max(settings.db_retry_seconds, 30))
+        if serving:
+            freeze_startup_objects()
         yield
         audit.stop()
         engine.dispose()
@@ -56,4 +61,4 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The app for $EVOCLONE_COORDINATOR_STATE_DIR (uvicorn's factory with --workers > 1)."""
-    return create_app()
+    return create_app(serving=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
+from evoclone.federated.api_common import freeze_startup_objects
 from evoclone.federated.stores.engine import make_engine
 
 from ..access_log import AccessLogWriter
@@ -71,10 +71,7 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
         upgrade(engine)  # Alembic: the same migrations on SQLite and PostgreSQL (a no-op when current)
         if warm:
             _warm(app)
-            # what startup made (modules, routes, schemas) lives as long as the process: frozen, the collector's
-            # full passes skip it (they paused every request in flight for 50-60 ms under load)
-            gc.collect()
-            gc.freeze()
+            freeze_startup_objects()
         yield
         services = getattr(app.state, "twins", None)
         if services is not None:

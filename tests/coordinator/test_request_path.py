@@ -82,3 +82,21 @@ def test_a_request_whose_audit_event_cannot_be_committed_is_not_served(client, h
     assert r.status_code == 503 and r.json()["detail"].startswith("the database is not reachable; retry")
     assert "could not be audited" in r.json()["detail"] and r.headers["x-request-id"]
     assert client.get("/health").status_code == 503
+
+
+def test_a_served_app_freezes_what_startup_made_out_of_the_collectors_passes(state_dir):
+    import subprocess
+    import sys
+
+    # a fresh interpreter: freezing is for a process that serves one app, not for this test process
+    probe = ("import gc, sys\n"
+             "from fastapi.testclient import TestClient\n"
+             "from evoclone.coordinator.api.main import create_app\n"
+             "from pathlib import Path\nfrom evoclone.coordinator.settings import load_settings\n"
+             "with TestClient(create_app(load_settings(Path(sys.argv[1])), serving=sys.argv[2] == 'yes')) as c:\n"
+             "    assert c.get('/health').status_code == 200\n"
+             "    print(gc.get_freeze_count())\n")
+    counts = {serving: int(subprocess.run([sys.executable, "-c", probe, str(state_dir), serving], check=True,
+                                          capture_output=True, text=True).stdout.split()[-1])
+              for serving in ("yes", "no")}
+    assert counts["no"] == 0 and counts["yes"] > 50_000  # modules, routes and schemas: several 100k objects
