@@ -8,7 +8,7 @@ import time
 import sqlalchemy as sa
 from sqlmodel import create_engine
 
-_BUSY_WAIT_S = 30.0
+BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another's lock before "database is locked"
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -16,7 +16,7 @@ def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         # as many pooled connections as the API's thread pool has threads (40): the default 5 (+10 overflow,
         # opened and closed per checkout) made each request under load open a connection and set its pragmas
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}, pool_size=40,
                                max_overflow=10)
 
         @sa.event.listens_for(engine, "connect")
@@ -42,7 +42,7 @@ def _use_wal(cur) -> None:
     """
     if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
         return
-    deadline = time.monotonic() + _BUSY_WAIT_S
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
     delay = 0.005
     while True:
         try:
