@@ -320,6 +320,9 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
     value = pd.to_numeric(raw_value, errors="coerce").to_numpy(dtype=float)
     not_number = np.isnan(value) & (raw_value != "").to_numpy()
     flag(not_number, "value", "not a number")
+    infinite = np.isinf(value)  # pandas reads "inf" and "-Infinity" as numbers
+    flag(infinite, "value", "not a finite number")
+    not_number |= infinite
     unit = ev["unit"].str.strip().to_numpy().astype(object)
     unit[unit == ""] = None
     ok = ~(bad_date | future | before_birth | (code == "") | not_number)

@@ -62,6 +62,17 @@ def test_units_converted_and_ranges_checked(small_cohort, site_dir, tmp_path):
         assert f"line {ldl + 2}" in str(info.value)
 
 
+def test_an_infinite_value_of_any_code_is_refused_with_its_line_and_nothing_stored(small_cohort, site_dir, tmp_path):
+    pat, ev = _copy(small_cohort, tmp_path)
+    for value in ("inf", "-Infinity"):  # a local code has no physiological range that would catch it
+        bad = ev.copy()
+        bad.loc[7, ["code", "value", "unit"]] = ["LOCAL-SCORE", value, ""]
+        p, e = _write(tmp_path, pat, bad)
+        with pytest.raises(IngestError, match="line 9: value: not a finite number"):
+            ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e)
+        assert open_store(get_settings(site_dir)).counts()["patients"] == 0
+
+
 def test_dates_in_future_or_before_birth(small_cohort, site_dir, tmp_path):
     pat, ev = _copy(small_cohort, tmp_path)
     for when, reason in (("2999-01-01", "in the future"), ("1900-01-01", "before birth")):
