@@ -7,6 +7,7 @@ DEMO_ARGS ?=
 # test files run in parallel on this many processes (a module's tests stay together: they share its fixtures);
 # most of the suite waits on real servers and Flower processes, so 2 workers on 2 cores take ~10 min, not ~16
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast bench install clean
 
@@ -22,10 +23,10 @@ demo: $(STAMP)
 	$(BIN)/evoclone demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py

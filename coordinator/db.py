@@ -66,12 +66,6 @@ def with_retry(fn: Callable[[], T], *, seconds: float, on_retry: Callable[[BaseE
             delay = min(delay * 2, 1.0)
 
 
-def ping(engine: sa.Engine) -> None:
-    """Run `SELECT 1` (raises when the database is unreachable)."""
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
-
-
 def session_scope(engine: sa.Engine) -> Iterator[Session]:
     """A session that is closed afterwards (the caller commits)."""
     with Session(engine, expire_on_commit=False) as session:

@@ -322,10 +322,9 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
     flag(not_number, "value", "not a number")
     infinite = np.isinf(value)  # pandas reads "inf" and "-Infinity" as numbers
     flag(infinite, "value", "not a finite number")
-    not_number |= infinite
     unit = ev["unit"].str.strip().to_numpy().astype(object)
     unit[unit == ""] = None
-    ok = ~(bad_date | future | before_birth | (code == "") | not_number)
+    ok = ~(bad_date | future | before_birth | (code == "") | not_number | infinite)
     unit_bad = np.zeros(len(ev), dtype=bool)
     for c, u in set(zip(code[ok], unit[ok])):
         if c not in CANONICAL:

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...db import ping
+from evoclone.federated.stores.engine import ping
+
 from ..deps import EngineDep
 
 router = APIRouter(tags=["health"])
