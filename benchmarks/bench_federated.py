@@ -94,7 +94,9 @@ def round_wall(args) -> dict:
         slowest = max(p.get("train_seconds", 0.0) for p in r["participation"] if p["status"] == "ok")
         rows.append({"round": r["round"], "wall_s": round(r["wall_seconds"], 2), "slowest_local_train_s": round(slowest, 2),
                      "ratio": round(r["wall_seconds"] / slowest, 3)})
+    prepare = summary["models"]["fusion"].get("prepare") or {}
     return {"what": "round-wall", "sites": 3, "patients": args.patients, "rounds": rows,
+            "prepare_wall_s": prepare.get("wall_seconds"),  # the sites encoding their records, before round 1
             "mean_ratio": round(float(np.mean([r["ratio"] for r in rows])), 3), "target": "<= 1.3"}
 
 

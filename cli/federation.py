@@ -188,5 +188,6 @@ class Federation:
             raise RuntimeError(f"federated run {outcome.run_id} ended {outcome.status}: {why}; "
                                f"logs in {self.group.log_dir}")
         return {"coordinator": str(coordinator_dir), "run_key": doc["run_key"], "flower_runs": doc["flower_runs"],
-                "rounds": doc["rounds"], "best_round": doc.get("best_round"), "status": doc["status"],
+                "prepare": doc.get("prepare"), "rounds": doc["rounds"], "best_round": doc.get("best_round"),
+                "status": doc["status"],
                 "note": doc.get("error", ""), "superlink_restarts": self.restarts}

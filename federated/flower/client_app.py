@@ -96,10 +96,13 @@ def query(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     node = node_settings(context)
     cfg = msg.content["config"]
-    if str(cfg.get("phase", "")) == "arm-shift":  # after training: the arm's effect on the final model
+    phase = str(cfg.get("phase", ""))
+    if phase == "arm-shift":  # after training: the arm's effect on the final model
         from .arm_query import answer
 
         return answer(msg, context, node, _encoded)
+    if phase == "prepare":  # before the first round: encode the records for the study's vocabulary, once
+        return _prepare(msg, context, node)
     covariates = json.loads(str(cfg["covariates"])) or None
     records = _records(node)
     summary = summarize(records, covariates=covariates, history_days=float(cfg["history-days"]),
@@ -109,6 +112,40 @@ def query(msg: Message, context: Context) -> Message:
         "summary": ConfigRecord({"json": json.dumps(summary.to_dict()), "covariates": json.dumps(names)}),
         "metrics": MetricRecord({"num-examples": len(records)}),
         "site": _reply_site(node, STATUS_OK),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _prepare(msg: Message, context: Context, node: dict) -> Message:
+    """Encode the site's records for the study and keep them (see _encoded), and fix the run's noise plan, so
+    that the rounds start training at once.
+
+    Replies with the number of training examples; nothing is trained and nothing is charged.
+    """
+    from ..stores.ledger import LedgerMismatchError, SqlLedgerStore
+    from .tasks import task_for, train_config
+
+    t0 = time.perf_counter()
+    rc, cfg = context.run_config, msg.content["config"]
+    task = task_for(rc)
+    data = _encoded(task, node, json.loads(str(cfg["vocabulary"])))
+    n = task.examples(data)
+    note = ""
+    if n >= train_config(rc).batch_size:  # else the rounds refuse, with the reason
+        store = SqlLedgerStore(url=node["ledger"])
+        try:
+            ledger = store.open(epsilon_budget=node["budget"], delta=node["delta"], accountant=str(rc["accountant"]))
+            _noise_plan(store, ledger, run_key(context), task, n, cfg, rc, node)
+        except (LedgerMismatchError, ValueError) as exc:  # the rounds refuse with the same reason
+            note = str(exc)
+        finally:
+            store.close()
+    reply = _reply_site(node, STATUS_OK)
+    if note:
+        reply["note"] = note
+    content = RecordDict({
+        "metrics": MetricRecord({"num-examples": n, "prepare-seconds": time.perf_counter() - t0}),
+        "site": reply,
     })
     return Message(content=content, reply_to=msg)
 
@@ -220,7 +257,7 @@ def _parameters(content: RecordDict):
 
 def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundResult:
     # Opacus and the models are imported only where used: query/evaluate start faster
-    from evoclone.privacy.accounting import LedgerEntry, calibrate_noise
+    from evoclone.privacy.accounting import LedgerEntry
 
     from ..stores.ledger import LedgerMismatchError
     from ..trainer import steps_per_epoch
@@ -255,20 +292,10 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
                                                  f"{tcfg.batch_size}")
     per_round = task.steps(n, tcfg)
     q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
-    sigma = store.plan(run_id=key)
-    if sigma is None:
-        from ..arm_shift import query_share
-
-        rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
-        # training leaves `arm-shift-share` of the run's target for the arm-effect query after it (arm_query)
-        share = float(rc["target-epsilon"]) * (1.0 - query_share(task.name, rc))
-        target = min(node["budget"], ledger.spent() + share)
-        try:
-            planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
-                                      sample_rate=q, steps=per_round * rounds, accountant=ledger.accountant)
-        except ValueError as exc:
-            return RoundResult(False, ledger, reason=str(exc))
-        sigma = store.set_plan(run_id=key, noise_multiplier=planned)
+    try:
+        sigma = _noise_plan(store, ledger, key, task, n, cfg, rc, node)
+    except ValueError as exc:
+        return RoundResult(False, ledger, reason=str(exc))
     if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=per_round):
         return RoundResult(False, ledger, reason="round does not fit the remaining privacy budget")
     incoming = incoming_state()
@@ -307,6 +334,30 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
                                              accountant=ledger.accountant), reason=str(exc))
     _record_feedback(node, key, server_round, feedback)
     return RoundResult(True, ledger, state, metrics)
+
+
+def _noise_plan(store, ledger, key: str, task, n: int, cfg, rc, node: dict) -> float:
+    """The run's noise multiplier: fixed once per run key (the first plan wins), calibrated by the Opacus
+    accountant so that the planned rounds spend the run's target after whatever the ledger already holds.
+    ValueError when no noise reaches the target."""
+    from evoclone.privacy.accounting import calibrate_noise
+
+    from ..arm_shift import query_share
+    from ..trainer import steps_per_epoch
+    from .tasks import train_config
+
+    sigma = store.plan(run_id=key)
+    if sigma is not None:
+        return sigma
+    tcfg = train_config(rc)
+    rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
+    # training leaves `arm-shift-share` of the run's target for the arm-effect query after it (arm_query)
+    share = float(rc["target-epsilon"]) * (1.0 - query_share(task.name, rc))
+    target = min(node["budget"], ledger.spent() + share)
+    planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
+                              sample_rate=1.0 / steps_per_epoch(n, tcfg.batch_size),
+                              steps=task.steps(n, tcfg) * rounds, accountant=ledger.accountant)
+    return store.set_plan(run_id=key, noise_multiplier=planned)
 
 
 def _record_feedback(node: dict, key: str, server_round: int, feedback: dict | None) -> None:

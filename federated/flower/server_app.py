@@ -78,13 +78,15 @@ class Study:
         self.best_round: int | None = None
         self.not_joined: list[str] = []  # sites that refused the study (e.g. app not approved)
         self.arm_shift: dict | None = None  # the post-training arm-effect query (federated.arm_shift)
+        self.prepare: dict | None = None  # the sites' encoding of their records before the first round
 
     # -- persistence --------------------------------------------------------------------
     def persist(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {"run_key": self.key, "run_id": self.run_id, "flower_runs": self.runs, "status": self.status,
                "error": self.error, "resumed_from": self.resumed_from, "best_round": self.best_round,
-               "not_joined": self.not_joined, "rounds": self.rounds, "arm_shift": self.arm_shift,
+               "not_joined": self.not_joined, "prepare": self.prepare, "rounds": self.rounds,
+               "arm_shift": self.arm_shift,
                "sites": sorted(self.sites.values(), key=lambda s: s["name"])}
         _write_json(self.out / "rounds.json", doc)
 
@@ -136,8 +138,9 @@ def _wait_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     return nodes
 
 
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float, interval: float = 0.5) -> list[Message]:
-    """Flower's Grid.send_and_receive with a shorter poll (Flower's waits 3 s between pulls)."""
+def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float, interval: float = 0.1) -> list[Message]:
+    """Flower's Grid.send_and_receive with a shorter poll (Flower's waits 3 s between pulls; a pull is a small
+    request to the SuperLink next to this process)."""
     ids = set(grid.push_messages(messages))
     end = time.monotonic() + timeout
     replies: list[Message] = []
@@ -181,6 +184,30 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int)
         raise StudyError(f"sites have different covariates: {diff[0]} differs from {ref_site} in {diff[1]}; "
                          "give every site the same columns (or pass --covariates)")
     return merge(summaries), counts, failed
+
+
+def _prepare(grid: Grid, vocabulary: dict, rounds: int, timeout: float) -> dict:
+    """Have every connected site encode its records for the study's vocabulary before the first round.
+
+    Encoding is the sites' one-off cost of a study (a few seconds per 10,000 patients), and each site
+    fixes its noise plan for the run; done here, in parallel at every site, the rounds time training.
+    Each site keeps both, so a resumed run asks again at little cost. A site that fails here (or notes
+    that it cannot train) is not dropped: the round records its refusal or failure.
+    """
+    t0 = time.monotonic()
+    cfg = ConfigRecord({"phase": "prepare", "vocabulary": json.dumps(vocabulary), "planned-rounds": rounds})
+    msgs = [Message(RecordDict({"config": cfg}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in grid.get_node_ids()]
+    sites = []
+    for m in send_and_receive(grid, msgs, timeout=timeout):
+        if m.has_error():
+            sites.append({"site": _site_name(m), "status": "error", "reason": m.error.reason})
+            continue
+        site, _, metrics = _reply_records(m)
+        sites.append({"site": _site_name(m), "status": STATUS_OK, "examples": int(metrics.get("num-examples", 0)),
+                      "seconds": round(float(metrics.get("prepare-seconds", 0.0)), 3),
+                      **({"note": str(site["note"])} if "note" in site else {})})
+    return {"wall_seconds": round(time.monotonic() - t0, 3), "sites": sorted(sites, key=lambda s: s["site"])}
 
 
 def _reply_records(msg: Message) -> tuple[ConfigRecord, ConfigRecord, MetricRecord]:
@@ -283,6 +310,9 @@ def main(grid: Grid, context: Context) -> None:
     from ..predictor import METRICS
     from .tasks import task_for
 
+    from .backoff import apply_backoffs
+
+    apply_backoffs()  # this ServerApp process pulls the sites' replies: retries from 0.1 s, not 1 s
     rc = context.run_config
     if not str(rc["out-dir"]):
         raise ValueError("run config out-dir is empty; pass --run-config \"out-dir='/path'\"")
@@ -311,6 +341,9 @@ def main(grid: Grid, context: Context) -> None:
         if secure and str(rc["strategy"]) == "fedadam":
             raise StudyError("secure aggregation (SecAgg+) runs with fedavg or fedprox in this release; "
                              "FedAdam's server optimizer is not applied to the masked sum")
+        if start < rounds:
+            study.prepare = _prepare(grid, study.vocabulary, rounds, timeout)
+            study.persist()
         reference = _reference(task, rc, study.vocabulary)
         cfg = ConfigRecord({"vocabulary": json.dumps(study.vocabulary), "planned-rounds": rounds,
                             "layout": layout_of(state)})

@@ -259,6 +259,11 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
     assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
     # from round 2 on, every site's ClientApp was forked from its SuperNode's warm zygote
     assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
+    # before round 1 every site encoded its records (and fixed its noise plan) in the prepare query
+    prepared = fusion["prepare"]["sites"]
+    assert [p["site"] for p in prepared] == ["h1", "h2", "h3"] and all(p["status"] == "ok" for p in prepared)
+    assert {p["site"]: p["examples"] for p in prepared} == \
+        {p["site"]: p["examples"] for p in fusion["rounds"][0]["participation"]}
     for s in summary["sites"]:
         assert 0 < s["epsilon_spent"] <= 2.0 and s["rounds_trained"] == {"fusion": 2}
         ledger = _ledger(work / "sites" / s["name"])  # one charge per round and the arm-effect query, same total

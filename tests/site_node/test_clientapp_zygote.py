@@ -102,3 +102,55 @@ def test_a_forked_clientapp_leaves_when_its_supernode_dies_even_if_the_zygote_ig
         zygote.terminate()
         zygote.wait(timeout=30)
         shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+CHILD = r'''
+import importlib, json, sys
+from pathlib import Path
+from evoclone.site_node.clientapp_zygote import PRELOAD
+for name in PRELOAD:
+    importlib.import_module(name)
+before = set(sys.modules)
+spec = json.loads(Path(sys.argv[1]).read_text())
+from flwr.app import Context, RecordDict
+from evoclone.federated.flower.client_app import _round
+from evoclone.federated.flower.tasks import task_for
+from evoclone.federated.stores.ledger import SqlLedgerStore
+node = {**spec["node"], "snapshot": Path(spec["node"]["snapshot"]), "state_dir": Path(spec["node"]["state_dir"])}
+ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=spec["rc"])
+store = SqlLedgerStore(url=node["ledger"])
+result = _round(spec["cfg"], lambda: task_for(spec["rc"]).initial_state(spec["vocab"]), ctx, node, store)
+assert result.ok, result.reason
+print(json.dumps(sorted(set(sys.modules) - before)))
+'''
+
+
+def test_a_dp_training_round_imports_nothing_the_zygote_did_not_preload(tmp_path):
+    """What a round imports after the fork, every ClientApp of every round imports again (transformers with
+    torch._dynamo cost 1-2 CPU-seconds): the zygote's PRELOAD must cover a round's whole path."""
+    import json
+    import tomllib
+
+    from evoclone.federated.flower.tasks import FusionTask
+    from evoclone.federated.simulator import cohort_records, simulate_cohort
+    from evoclone.federated.snapshot import write_snapshot
+    from evoclone.federated.summaries import summarize
+
+    records = cohort_records(simulate_cohort(patients=120, sites=1, seed=3))
+    write_snapshot(tmp_path / "snapshot.jsonl.gz", records, site="s1")
+    app = Path(__file__).resolve().parents[2] / "federated" / "flower" / "app" / "pyproject.toml"
+    rc = {**tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"], "local-epochs": 1, "batch-size": 16,
+          "run-key": "preload"}
+    vocab = FusionTask(rc).vocabulary(summarize(records, history_days=730.0, min_count=10, coarse=True))
+    spec = {"rc": rc, "vocab": vocab, "cfg": {"server-round": 1, "vocabulary": json.dumps(vocab), "planned-rounds": 2},
+            "node": {"site": "s1", "snapshot": str(tmp_path / "snapshot.jsonl.gz"), "budget": 10.0, "delta": 1e-5,
+                     "ledger": f"sqlite:///{tmp_path / 'site.db'}", "state_dir": str(tmp_path),
+                     "feedback": str(tmp_path / "feedback.jsonl")}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "spec.json")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = json.loads(r.stdout.strip().splitlines()[-1])
+    heavy = [m for m in imported if m.split(".")[0] in ("transformers", "scipy", "pandas", "sklearn", "lifelines",
+                                                        "PIL", "jinja2", "sqlalchemy") or m.startswith("torch.")]
+    assert not heavy, f"a training round imported {len(imported)} modules after the fork, e.g. {heavy[:10]}"
