@@ -157,7 +157,8 @@ def accuracy(args) -> dict:
            "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
     # the target is the prognostic model's accuracy at --epsilon per site: by default the whole budget trains it
     # (--arm-shift-share > 0 keeps that share for the post-training arm-effect query, as `evoclone train` does)
-    extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model, "arm-shift-share": args.arm_shift_share}
+    extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model, "arm-shift-share": args.arm_shift_share,
+             "max-grad-norm": args.max_grad_norm}
     for dataset in args.datasets.split(","):
         reps = []
         for rep in range(args.reps):
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gbsg2-batch", type=int, default=64, help="DP batch size on GBSG2 (about 150 patients a site)")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
     ap.add_argument("--datasets", default="simulator,gbsg2", help="accuracy: which datasets")
