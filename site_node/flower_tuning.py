@@ -7,16 +7,18 @@ before they have arrived backs off exponentially from 1 s (1, 2, 4 s ...). Each 
 waits several seconds on timers, whatever the training takes. The guarded SuperNode and the
 ClientApps it forks apply shorter timers:
 
-- the SuperLink poll: `EVOCLONE_NODE_POLL_SECONDS` (default 0.5 s) when idle, and 0.1 s
-  for `ACTIVE_WINDOW` seconds after the node last handled a message, so the rounds of a
-  run in progress start without waiting out an idle poll;
+- the SuperLink poll: `EVOCLONE_NODE_POLL_SECONDS` (default 0.5 s) when idle, and
+  `EVOCLONE_NODE_ACTIVE_POLL_SECONDS` (default 0.1 s) for `ACTIVE_WINDOW` seconds after the
+  node last handled a message, so the rounds of a run in progress start without waiting out
+  an idle poll;
 - local waits (the reply of its own ClientApp, an object not yet written): 0.02 s steps,
   which cost a look at the node's in-memory state, nothing on the network;
 - a SuperExec poll of 0.1 s, and retries of object pulls and HTTP requests from 0.1 s
   (`federated.flower.backoff`, which the ServerApp applies too).
 
 Load on the SuperLink grows accordingly (two requests per second per idle site, ten per
-active one), which loopback and hospital-scale federations carry easily. flwr is pinned;
+active one), which loopback and hospital-scale federations carry easily; a study with many
+sites raises the active poll. flwr is pinned;
 `tests/integration` exercises these processes.
 """
 
@@ -65,7 +67,8 @@ def apply_supernode() -> None:
     """Everything for the SuperNode process (before Flower's SuperNode starts)."""
     from flwr.supernode import start_client_internal as sci
 
-    sci.time = _PollClock(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "0.5")))
+    sci.time = _PollClock(float(os.environ.get("EVOCLONE_NODE_POLL_SECONDS", "0.5")),
+                          active=float(os.environ.get("EVOCLONE_NODE_ACTIVE_POLL_SECONDS", str(ACTIVE_POLL))))
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # read by the SuperExec it starts
     apply_backoffs()
 

@@ -8,7 +8,7 @@ pulls the sites' replies. Here retries start at `FAST_BACKOFF` and double up to
 `BACKOFF_CAP`: a retry is one small request, and the sender is usually a few milliseconds
 from done. The site's SuperNode, its ClientApp zygote (hence every ClientApp) and the
 ServerApp call `apply_backoffs()` at start. flwr is pinned; `tests/integration` runs these
-processes and `tests/federated/test_backoff.py` checks the patched defaults.
+processes and `tests/site_node/test_flower_tuning.py` checks the patched defaults.
 """
 
 from __future__ import annotations

@@ -308,9 +308,8 @@ def _evaluate(grid: Grid, state, cfg: ConfigRecord, timeout: float) -> dict:
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) one study run; see the module docstring."""
     from ..predictor import METRICS
-    from .tasks import task_for
-
     from .backoff import apply_backoffs
+    from .tasks import task_for
 
     apply_backoffs()  # this ServerApp process pulls the sites' replies: retries from 0.1 s, not 1 s
     rc = context.run_config
