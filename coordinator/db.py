@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -22,8 +23,14 @@ class DatabaseUnavailable(RuntimeError):
 
 
 def make_engine(settings: CoordinatorSettings) -> sa.Engine:
-    """An engine for the configured database (the services' shared SQLite/PostgreSQL setup)."""
-    return engine_for(settings.db_url)
+    """An engine for the configured database (the services' shared SQLite/PostgreSQL setup), whose committed
+    writes change the state directory's data version (data_version.py: what the API's response cache checks)."""
+    from .data_version import DataVersion, track_writes
+
+    engine = engine_for(settings.db_url)
+    if Path(settings.state_dir).is_dir():
+        track_writes(engine, DataVersion(settings.state_dir))
+    return engine
 
 
 def create_tables(engine: sa.Engine) -> None:

@@ -45,6 +45,9 @@ class CoordinatorSettings(BaseSettings):
     # how long an API process trusts its last check that a token's user exists, is enabled and has the token's
     # role: disabling a user or changing a role takes effect within this many seconds (0: check every request)
     user_cache_seconds: float = Field(5.0, ge=0, le=60)
+    # how long an API process may serve a kept answer of a registry or status read (api/response_cache.py); any
+    # write through the coordinator invalidates it at once, this bounds writes made around it (0: no cache)
+    response_cache_seconds: float = Field(5.0, ge=0, le=60)
     # drift: a feature is flagged when a statistic exceeds its threshold (None: that statistic never flags);
     # PSI above 0.2 is the usual "major shift" rule of thumb
     drift_psi_threshold: float | None = Field(0.2, gt=0)

@@ -10,11 +10,13 @@ from fastapi import APIRouter, FastAPI
 from evoclone.federated.api_common import freeze_startup_objects
 
 from ..audit_writer import AuditWriter
+from ..data_version import version_of
 from ..db import create_tables, make_engine, with_retry
 from ..settings import CoordinatorSettings, get_settings
 from . import errors
 from .deps import UserCache
 from .middleware import Metrics, ServiceMiddleware
+from .response_cache import ResponseCache
 from .routes import audit, auth, health, models, reports, runs, site_tokens, sites, studies
 
 API_PREFIX = "/api/v1"
@@ -55,7 +57,11 @@ def create_app(settings: CoordinatorSettings | None = None, *, serving: bool = F
     errors.install(app)
     app.include_router(health.router)
     app.include_router(api_router())
-    app.add_middleware(ServiceMiddleware, settings=settings, engine=engine, metrics=app.state.metrics, audit=audit)
+    version = version_of(engine)
+    cache = ResponseCache(version, seconds=settings.response_cache_seconds) \
+        if version is not None and settings.response_cache_seconds > 0 else None
+    app.add_middleware(ServiceMiddleware, settings=settings, engine=engine, metrics=app.state.metrics, audit=audit,
+                       users=app.state.users, cache=cache)
     return app
 
 

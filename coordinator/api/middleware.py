@@ -23,10 +23,12 @@ from evoclone.federated.api_common import read_body, replay
 from ..audit_writer import AuditWriter
 from ..db import is_transient
 from ..security import ACCESS, TokenError, decode_token
+from .response_cache import CACHEABLE, ResponseCache
 
 log = logging.getLogger("evoclone.coordinator")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MODEL_UPLOAD = re.compile(r"^/api/v1/studies/[^/]+/models/?$")
+CACHED_ROUTE = "evoclone.cached_route"
 
 
 class Metrics:
@@ -46,6 +48,8 @@ class Metrics:
 def route_template(scope: Scope) -> str:
     """The matched route's path template (/api/v1/sites/{site_id}), never the raw path: bounded label sets."""
     # FastAPI includes routers lazily: the route object knows only its own path, the context the full one.
+    if CACHED_ROUTE in scope:  # answered from the response cache: the route that computed the answer
+        return scope[CACHED_ROUTE]
     context = (scope.get("fastapi") or {}).get("effective_route_context")
     return getattr(context, "path", None) or getattr(scope.get("route"), "path", None) or "<unmatched>"
 
@@ -62,8 +66,56 @@ async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> Non
 class ServiceMiddleware:
     """Wraps the app: see the module docstring. Request bodies are read (bounded) but never stored."""
 
-    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics, audit: AuditWriter) -> None:
+    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics, audit: AuditWriter, users=None,
+                 cache: ResponseCache | None = None) -> None:
         self.app, self.settings, self.engine, self.metrics, self.audit = app, settings, engine, metrics, audit
+        self.users, self.cache = users, cache
+
+    def _vouched(self, scope: Scope, headers: dict) -> tuple[str, str] | None:
+        """(user, role) for a cacheable read whose access token verifies and whose user the process's user check
+        vouches for with the token's role (the route's own rule, deps.get_current_user); None: the route decides."""
+        if self.cache is None or self.users is None or scope.get("method") != "GET" \
+                or not CACHEABLE.match(scope.get("path", "")):
+            return None
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if not auth.lower().startswith("bearer ") or auth[7:].strip().startswith("evs_"):
+            return None
+        try:
+            claims = decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
+        except TokenError:
+            return None
+        known, role = self.users.get(claims.subject)
+        return (claims.subject, role) if known and role is not None and role == claims.role else None
+
+    async def _serve(self, scope: Scope, headers: dict, body: bytes, receive: Receive, send: Send, rid: str,
+                     sent: dict) -> None:
+        """The app's answer, or for a vouched-for cacheable read the kept one (response_cache.py)."""
+        who = self._vouched(scope, headers)
+        if who is None:
+            await self._call_with_retries(scope, body, receive, send, rid, sent)
+            return
+        key = (who[1], scope["path"], scope.get("query_string", b""))
+        version = self.cache.version.current()  # before computing: a write from now on changes it
+        entry = self.cache.get(key, version)
+        if entry is not None:
+            scope["state"]["actor"], scope["state"]["role"] = who
+            scope[CACHED_ROUTE] = entry.route
+            await send({"type": "http.response.start", "status": 200, "headers": list(entry.headers)})
+            await send({"type": "http.response.body", "body": entry.body})
+            return
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        await self._call_with_retries(scope, body, receive, capture, rid, sent)
+        if start.get("status") == 200 and not sent["dropped"]:
+            self.cache.put(key, version, start.get("headers", []), b"".join(chunks), route_template(scope))
 
     def _caller(self, scope: Scope) -> tuple[str, str, str]:
         """(actor, role, note) from a bearer token, when one is sent."""
@@ -107,7 +159,7 @@ class ServiceMiddleware:
         try:
             body = await self._read_body(headers, receive, send_wrapper, scope)
             if body is not None:
-                await self._call_with_retries(scope, body, receive, send_wrapper, rid, sent)
+                await self._serve(scope, headers, body, receive, send_wrapper, rid, sent)
         finally:
             seconds = time.perf_counter() - t0
             self._observe(scope, sent["status"], seconds)
