@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import models  # noqa: F401  (registers every table on SQLModel.metadata)
 from .settings import CoordinatorSettings
 
 T = TypeVar("T")
+log = logging.getLogger("evoclone.coordinator")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -29,7 +31,11 @@ def make_engine(settings: CoordinatorSettings) -> sa.Engine:
 
     engine = engine_for(settings.db_url)
     if Path(settings.state_dir).is_dir():
-        track_writes(engine, DataVersion(settings.state_dir))
+        try:
+            track_writes(engine, DataVersion(settings.state_dir))
+        except OSError as exc:  # a user who may not write the state directory: writes wait out the cache's limit
+            log.warning("data version %s not writable (%s): other processes see this one's writes within "
+                        "response_cache_seconds", Path(settings.state_dir) / "data.version", exc.strerror)
     return engine
 
 
