@@ -1,5 +1,6 @@
 """One ASGI middleware around every request: request id, body limit, database retries, metrics, audit,
-and a generic 500 (never a traceback).
+the response cache of the registry and status reads (response_cache.py), and a generic 500 (never a
+traceback).
 
 Every request is appended to the audit chain before its response starts: the middleware holds the
 response's first message until the group-committing audit writer (audit_writer.py) has committed the
@@ -22,7 +23,7 @@ from evoclone.federated.api_common import read_body, replay
 
 from ..audit_writer import AuditWriter
 from ..db import is_transient
-from ..security import ACCESS, TokenError, decode_token
+from ..security import ACCESS, TokenClaims, TokenError, decode_token
 from .response_cache import CACHEABLE, ResponseCache
 
 log = logging.getLogger("evoclone.coordinator")
@@ -77,12 +78,8 @@ class ServiceMiddleware:
         if self.cache is None or self.users is None or scope.get("method") != "GET" \
                 or not CACHEABLE.match(scope.get("path", "")):
             return None
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if not auth.lower().startswith("bearer ") or auth[7:].strip().startswith("evs_"):
-            return None
-        try:
-            claims = decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
-        except TokenError:
+        claims = self._claims(headers)
+        if not isinstance(claims, TokenClaims):
             return None
         known, role = self.users.get(claims.subject)
         return (claims.subject, role) if known and role is not None and role == claims.role else None
@@ -117,16 +114,23 @@ class ServiceMiddleware:
         if start.get("status") == 200 and not sent["dropped"]:
             self.cache.put(key, version, start.get("headers", []), b"".join(chunks), route_template(scope))
 
+    def _claims(self, headers: dict) -> TokenClaims | str | None:
+        """The bearer access token's verified claims; None when no JWT is sent (site API tokens are not JWTs: the
+        site dependency names that caller); a note when the token does not verify."""
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if not auth.lower().startswith("bearer ") or auth[7:].strip().startswith("evs_"):
+            return None
+        try:
+            return decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
+        except TokenError:
+            return "invalid or expired token"
+
     def _caller(self, scope: Scope) -> tuple[str, str, str]:
         """(actor, role, note) from a bearer token, when one is sent."""
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        if not auth.lower().startswith("bearer ") or auth[7:].strip().startswith("evs_"):
-            return "", "", ""  # site API tokens are not JWTs: the site dependency names the caller
-        try:
-            claims = decode_token(auth[7:].strip(), settings=self.settings, type=ACCESS)
-        except TokenError:
-            return "", "", "invalid or expired token"
-        return claims.subject, claims.role, ""
+        claims = self._claims(dict(scope.get("headers") or []))
+        if isinstance(claims, TokenClaims):
+            return claims.subject, claims.role, ""
+        return "", "", claims or ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
