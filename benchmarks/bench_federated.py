@@ -158,7 +158,7 @@ def accuracy(args) -> dict:
     # the target is the prognostic model's accuracy at --epsilon per site: by default the whole budget trains it
     # (--arm-shift-share > 0 keeps that share for the post-training arm-effect query, as `evoclone train` does)
     extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model, "arm-shift-share": args.arm_shift_share,
-             "max-grad-norm": args.max_grad_norm}
+             "max-grad-norm": args.max_grad_norm, "accountant": args.accountant}
     for dataset in args.datasets.split(","):
         reps = []
         for rep in range(args.reps):
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
+    ap.add_argument("--accountant", choices=("rdp", "prv"), default="rdp", help="the sites' Opacus accountant")
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
     ap.add_argument("--datasets", default="simulator,gbsg2", help="accuracy: which datasets")
