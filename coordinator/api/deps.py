@@ -73,6 +73,11 @@ class UserCache:
             return False, None
         return True, hit[1]
 
+    def confirms(self, username: str, role: str) -> bool:
+        """Whether this cache, without asking the database, holds `username` as an enabled user with `role`."""
+        known, cached = self.get(username)
+        return known and cached is not None and cached == role
+
     def put(self, username: str, role: str | None) -> None:
         """Remember the user's role (None: missing or disabled)."""
         if self.seconds <= 0:

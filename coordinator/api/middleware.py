@@ -24,6 +24,7 @@ from evoclone.federated.api_common import read_body, replay
 from ..audit_writer import AuditWriter
 from ..db import is_transient
 from ..security import ACCESS, TokenClaims, TokenError, decode_token
+from .deps import UserCache
 from .response_cache import CACHEABLE, ResponseCache
 
 log = logging.getLogger("evoclone.coordinator")
@@ -67,8 +68,8 @@ async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> Non
 class ServiceMiddleware:
     """Wraps the app: see the module docstring. Request bodies are read (bounded) but never stored."""
 
-    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics, audit: AuditWriter, users=None,
-                 cache: ResponseCache | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, settings, engine, metrics: Metrics, audit: AuditWriter,
+                 users: UserCache | None = None, cache: ResponseCache | None = None) -> None:
         self.app, self.settings, self.engine, self.metrics, self.audit = app, settings, engine, metrics, audit
         self.users, self.cache = users, cache
 
@@ -81,8 +82,7 @@ class ServiceMiddleware:
         claims = self._claims(headers)
         if not isinstance(claims, TokenClaims):
             return None
-        known, role = self.users.get(claims.subject)
-        return (claims.subject, role) if known and role is not None and role == claims.role else None
+        return (claims.subject, claims.role) if self.users.confirms(claims.subject, claims.role) else None
 
     async def _serve(self, scope: Scope, headers: dict, body: bytes, receive: Receive, send: Send, rid: str,
                      sent: dict) -> None:

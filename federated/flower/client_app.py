@@ -260,7 +260,6 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     from evoclone.privacy.accounting import LedgerEntry
 
     from ..stores.ledger import LedgerMismatchError
-    from ..trainer import steps_per_epoch
     from .tasks import dp_settings, task_for, train_config
 
     rc = context.run_config
@@ -290,10 +289,8 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     if n < tcfg.batch_size:
         return RoundResult(False, ledger, reason=f"only {n} training examples, fewer than the batch size "
                                                  f"{tcfg.batch_size}")
-    per_round = task.steps(n, tcfg)
-    q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
     try:
-        sigma = _noise_plan(store, ledger, key, task, n, cfg, rc, node)
+        sigma, q, per_round = _noise_plan(store, ledger, key, task, n, cfg, rc, node)
     except ValueError as exc:
         return RoundResult(False, ledger, reason=str(exc))
     if not ledger.would_fit(noise_multiplier=sigma, sample_rate=q, steps=per_round):
@@ -336,28 +333,29 @@ def _round(cfg, incoming_state, context: Context, node: dict, store) -> RoundRes
     return RoundResult(True, ledger, state, metrics)
 
 
-def _noise_plan(store, ledger, key: str, task, n: int, cfg, rc, node: dict) -> float:
-    """The run's noise multiplier: fixed once per run key (the first plan wins), calibrated by the Opacus
-    accountant so that the planned rounds spend the run's target after whatever the ledger already holds.
-    ValueError when no noise reaches the target."""
+def _noise_plan(store, ledger, key: str, task, n: int, cfg, rc, node: dict) -> tuple[float, float, int]:
+    """(noise multiplier, sample rate, steps per round) of the run at this site. The noise is fixed once per run
+    key (the first plan wins), calibrated by the Opacus accountant so that the planned rounds spend the run's
+    target after whatever the ledger already holds. ValueError when no noise reaches the target."""
     from evoclone.privacy.accounting import calibrate_noise
 
     from ..arm_shift import query_share
     from ..trainer import steps_per_epoch
     from .tasks import train_config
 
-    sigma = store.plan(run_id=key)
-    if sigma is not None:
-        return sigma
     tcfg = train_config(rc)
-    rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
-    # training leaves `arm-shift-share` of the run's target for the arm-effect query after it (arm_query)
-    share = float(rc["target-epsilon"]) * (1.0 - query_share(task.name, rc))
-    target = min(node["budget"], ledger.spent() + share)
-    planned = calibrate_noise(prior=ledger.history, target_epsilon=target, delta=ledger.delta,
-                              sample_rate=1.0 / steps_per_epoch(n, tcfg.batch_size),
-                              steps=task.steps(n, tcfg) * rounds, accountant=ledger.accountant)
-    return store.set_plan(run_id=key, noise_multiplier=planned)
+    q = 1.0 / steps_per_epoch(n, tcfg.batch_size)  # Poisson rate, as trainer.fit samples
+    per_round = task.steps(n, tcfg)
+    sigma = store.plan(run_id=key)
+    if sigma is None:
+        rounds = int(cfg.get("planned-rounds", rc["num-server-rounds"]))
+        # training leaves `arm-shift-share` of the run's target for the arm-effect query after it (arm_query)
+        share = float(rc["target-epsilon"]) * (1.0 - query_share(task.name, rc))
+        target = min(node["budget"], ledger.spent() + share)
+        sigma = store.set_plan(run_id=key, noise_multiplier=calibrate_noise(
+            prior=ledger.history, target_epsilon=target, delta=ledger.delta, sample_rate=q,
+            steps=per_round * rounds, accountant=ledger.accountant))
+    return sigma, q, per_round
 
 
 def _record_feedback(node: dict, key: str, server_round: int, feedback: dict | None) -> None:

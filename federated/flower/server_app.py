@@ -153,6 +153,14 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float, int
     return replies
 
 
+def ask_sites(grid: Grid, records: dict, *, message_type: str, timeout: float,
+              nodes: list[int] | None = None) -> list[Message]:
+    """The same records (built once, the model packed once) to every connected site, or to `nodes`; the replies."""
+    nodes = list(grid.get_node_ids()) if nodes is None else nodes
+    msgs = [Message(RecordDict(records), dst_node_id=nid, message_type=message_type) for nid in nodes]
+    return send_and_receive(grid, msgs, timeout=timeout)
+
+
 def _site_name(msg: Message) -> str:
     if msg.has_error():
         return f"node-{msg.metadata.src_node_id}"
@@ -165,8 +173,7 @@ def _summaries(grid: Grid, rc, nodes: list[int], timeout: float, min_nodes: int)
 
     cfg = ConfigRecord({"covariates": str(rc["covariates"]), "history-days": float(rc["history-days"]),
                         "min-count": int(rc["min-count"])})
-    msgs = [Message(RecordDict({"config": cfg}), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
-    replies = send_and_receive(grid, msgs, timeout=timeout)
+    replies = ask_sites(grid, {"config": cfg}, message_type=MessageType.QUERY, timeout=timeout, nodes=nodes)
     failed = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
     ok = [m for m in replies if not m.has_error()]
     if len(ok) < min_nodes:
@@ -196,10 +203,8 @@ def _prepare(grid: Grid, vocabulary: dict, rounds: int, timeout: float) -> dict:
     """
     t0 = time.monotonic()
     cfg = ConfigRecord({"phase": "prepare", "vocabulary": json.dumps(vocabulary), "planned-rounds": rounds})
-    msgs = [Message(RecordDict({"config": cfg}), dst_node_id=nid, message_type=MessageType.QUERY)
-            for nid in grid.get_node_ids()]
     sites = []
-    for m in send_and_receive(grid, msgs, timeout=timeout):
+    for m in ask_sites(grid, {"config": cfg}, message_type=MessageType.QUERY, timeout=timeout):
         if m.has_error():
             sites.append({"site": _site_name(m), "status": "error", "reason": m.error.reason})
             continue
@@ -288,10 +293,8 @@ def _train_round(study: Study, strategy, grid: Grid, state, server_round: int, c
 def _evaluate(grid: Grid, state, cfg: ConfigRecord, timeout: float) -> dict:
     from ..summaries import NumericSummary
 
-    nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"arrays": pack(state), "config": cfg}), dst_node_id=nid,
-                    message_type=MessageType.EVALUATE) for nid in nodes]
-    replies = [m for m in send_and_receive(grid, msgs, timeout=timeout) if not m.has_error()]
+    replies = [m for m in ask_sites(grid, {"arrays": pack(state), "config": cfg}, message_type=MessageType.EVALUATE,
+                                    timeout=timeout) if not m.has_error()]
     ms = [m.content.metric_records["metrics"] for m in replies]
     out = {"val_loss": weighted_mean((float(m["val-loss"]), float(m["val-examples"])) for m in ms),
            "val_metric": weighted_mean((float(m["val-metric"]), float(m["val-metric-weight"])) for m in ms),
@@ -424,10 +427,8 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
 
     cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
                         "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
-    nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"arrays": pack(tensors), "config": cfg}), dst_node_id=nid,
-                    message_type=MessageType.QUERY) for nid in nodes]
-    replies = send_and_receive(grid, msgs, timeout=timeout)
+    replies = ask_sites(grid, {"arrays": pack(tensors), "config": cfg}, message_type=MessageType.QUERY,
+                        timeout=timeout)
     participation, total, noise_var = [], np.zeros(4), 0.0
     for msg in replies:
         if msg.has_error():
