@@ -126,6 +126,7 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
     errors: dict[str, int] = {k: 0 for k in lat}
     server: dict[str, list[float]] = {k: [] for k in lat}  # the API's own time (Server-Timing), where it says
     settled: list[float] = []  # cached lookups sent after the first SETTLE seconds (the steady state)
+    sent: list[tuple] = []  # (kind, seconds since the start when sent, latency s): the run's timeline (--raw)
     why: collections.Counter = collections.Counter()
     cache_misses = {"cached twin lookup": 0}
     twins = [0]
@@ -169,6 +170,7 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
                     ok, r = False, None
                     why[f"{kind}: {type(exc).__name__}"] += 1
                 lat[kind].append(time.perf_counter() - t0)
+                sent.append((kind, t0 - (deadline - seconds), lat[kind][-1]))
                 if kind == "cached twin lookup" and t0 >= settle:
                     settled.append(lat[kind][-1])
                 timing = r.headers.get("server-timing", "") if r is not None else ""
@@ -185,7 +187,7 @@ async def _run(base: str, token: str, pseudonyms: list[str], clients: int, secon
         await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - start
     return {"lat": lat, "errors": errors, "wall": wall, "twins": twins[0], "misses": cache_misses, "why": why,
-            "server": server, "settled": settled}
+            "server": server, "settled": settled, "sent": sent}
 
 
 def _part(args: tuple) -> dict:
@@ -209,7 +211,7 @@ def _load(base: str, token: str, pseudonyms: list[str], clients: int, seconds: f
     merged = {"lat": {}, "errors": {}, "server": {}, "wall": max(r["wall"] for r in parts), "twins": sum(r["twins"] for r in parts),
               "misses": {"cached twin lookup": sum(r["misses"]["cached twin lookup"] for r in parts)},
               "why": sum((r["why"] for r in parts), collections.Counter()),
-              "settled": [x for r in parts for x in r["settled"]]}
+              "settled": [x for r in parts for x in r["settled"]], "sent": [x for r in parts for x in r["sent"]]}
     for r in parts:
         for kind, values in r["lat"].items():
             merged["lat"].setdefault(kind, []).extend(values)
@@ -234,6 +236,8 @@ def main() -> None:
                     help="spread the clients over this many load-generator processes (same mix, no think time)")
     ap.add_argument("--client", choices=CLIENTS, default="aiohttp",
                     help="the load generator's HTTP client (httpx costs about 20x more CPU per request)")
+    ap.add_argument("--raw", type=Path, help="write every request (kind, seconds after the start, latency s) here "
+                                             "as JSON, and print the cached lookups' p99 per second of the run")
     args = ap.parse_args()
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +271,14 @@ def main() -> None:
         ms = np.array(res["settled"]) * 1000
         out.print(f"cached twin lookups sent after the first {SETTLE:g} s (steady state): n {len(ms)}, "
                   f"p50 {np.percentile(ms, 50):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms")
+    if args.raw:
+        args.raw.write_text(json.dumps(res["sent"]))
+        cached = [(t, x) for kind, t, x in res["sent"] if kind == "cached twin lookup"]
+        for second in range(min(10, int(res["wall"]))):
+            ms = np.array([x for t, x in cached if second <= t < second + 1]) * 1000
+            if len(ms):
+                out.print(f"  second {second}: {len(ms)} cached lookups sent, p50 {np.percentile(ms, 50):.1f} ms, "
+                          f"p99 {np.percentile(ms, 99):.1f} ms")
     for what, n in res["why"].most_common(10):
         out.print(f"  {n} x {what}")
     sys.exit(1 if total_errors else 0)

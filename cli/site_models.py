@@ -15,7 +15,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="print one JSON document on
 
 
 def _engine(site_dir: Path):
-    from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.db import site_engine
     from evoclone.site_node.migrate import upgrade
     from evoclone.site_node.settings import get_settings
 
@@ -25,7 +25,7 @@ def _engine(site_dir: Path):
         settings = get_settings(site_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc).splitlines()[0], 2) from None
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     upgrade(engine)
     return settings, engine
 

@@ -52,7 +52,7 @@ def migrate(site_dir: SiteDir,
 
     Example: evoclone site migrate --site-dir /srv/evoclone/site --backup /opt/evoclone/backups/site-0.1.0.db
     """
-    from evoclone.federated.stores.engine import make_engine
+    from evoclone.site_node.db import site_engine
     from evoclone.site_node.keyring import load_keyring
     from evoclone.site_node.migrate import backup_sqlite, current, upgrade
     from evoclone.site_node.review import seal_legacy_reviews
@@ -60,7 +60,7 @@ def migrate(site_dir: SiteDir,
     from .main import err, fail
 
     settings = _settings(site_dir)
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     try:
         before = current(engine)
         if backup is not None:

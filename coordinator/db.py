@@ -26,13 +26,14 @@ class DatabaseUnavailable(RuntimeError):
 
 def make_engine(settings: CoordinatorSettings) -> sa.Engine:
     """An engine for the configured database (the services' shared SQLite/PostgreSQL setup), whose committed
-    writes change the state directory's data version (data_version.py: what the API's response cache checks)."""
-    from .data_version import DataVersion, track_writes
+    writes change the state directory's data version (federated/stores/data_version.py: what the API's response
+    cache checks); every table but the audit trail counts (each request appends to it; no cached answer shows it)."""
+    from evoclone.federated.stores.data_version import DataVersion, track_writes
 
     engine = engine_for(settings.db_url)
     if Path(settings.state_dir).is_dir():
         try:
-            track_writes(engine, DataVersion(settings.state_dir))
+            track_writes(engine, DataVersion(settings.state_dir), lambda table: table != "audit_event")
         except OSError as exc:  # a user who may not write the state directory: writes wait out the cache's limit
             log.warning("data version %s not writable (%s): other processes see this one's writes within "
                         "response_cache_seconds", Path(settings.state_dir) / "data.version", exc.strerror)

@@ -9,11 +9,10 @@ from typing import Any
 
 from sqlmodel import Session
 
-from evoclone.federated.stores.engine import make_engine
-
 from .access_log import chain_head
 from .auth import create_user, provisioning_uri, totp_key
 from .auth_models import UserCreate
+from .db import site_engine
 from .migrate import upgrade
 from .settings import SiteSettings, ensure_jwt_secret, get_settings
 
@@ -23,7 +22,7 @@ def prepare(settings: SiteSettings) -> SiteSettings:
     ensure_jwt_secret(settings.site_dir)
     get_settings.cache_clear()
     settings = get_settings(settings.site_dir) if settings.jwt_secret is None else settings
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     try:
         upgrade(engine)
     finally:
@@ -50,7 +49,7 @@ def serve(settings: SiteSettings, *, host: str, port: int, workers: int = 1, log
 
 def add_user(settings: SiteSettings, data: UserCreate) -> dict[str, str]:
     """Add a user to the site's database; its TOTP secret and provisioning URI (to show once)."""
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     try:
         upgrade(engine)
         with Session(engine) as session:
@@ -64,7 +63,7 @@ def add_user(settings: SiteSettings, data: UserCreate) -> dict[str, str]:
 
 def access_log_head(settings: SiteSettings) -> dict[str, Any]:
     """Verify the site's access log; its verified head and the first problem (see access_log.chain_head)."""
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     try:
         upgrade(engine)
         return chain_head(engine)

@@ -27,6 +27,8 @@ REFRESH_PREFIX = "evr_"
 class SessionBackend(ABC):
     """Bytes by key with a garbage-collection TTL, atomic counters and prefix listing."""
 
+    blocking = True  # whether a call may wait on I/O (an async caller runs it off the event loop)
+
     @abstractmethod
     def get(self, key: str) -> bytes | None:
         """The value, or None."""
@@ -57,6 +59,8 @@ class SessionBackend(ABC):
 
 class MemoryBackend(SessionBackend):
     """A dict with deadlines, guarded by a lock: one process only."""
+
+    blocking = False
 
     def __init__(self) -> None:
         self._data: dict[str, tuple[float, bytes]] = {}

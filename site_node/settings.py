@@ -43,6 +43,10 @@ class SiteSettings(BaseSettings):
     # model inference runs in this many worker processes per API worker process; 0: one per core but one (left to
     # the API), divided among the API's worker processes (`evoclone site serve --workers`)
     inference_workers: int = Field(0, ge=0, le=64)
+    # an API process keeps an API token's owner, a session user's row and the promoted version while no process
+    # of the site has written users, tokens or models since (site_node/db.py), and for at most this long (the
+    # bound for SQL typed into the database by hand); 0: read them from the database on every request
+    request_memo_seconds: float = Field(5.0, ge=0, le=60)
 
     @field_validator("jwt_secret")
     @classmethod

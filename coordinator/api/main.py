@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 from evoclone.federated.api_common import freeze_startup_objects
 
 from ..audit_writer import AuditWriter
-from ..data_version import version_of
+from evoclone.federated.stores.data_version import version_of
 from ..db import create_tables, make_engine, with_retry
 from ..settings import CoordinatorSettings, get_settings
 from . import errors

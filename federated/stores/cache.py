@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 class Cache(ABC):
     """Bytes by key, with expiry; keys live under a namespace so several users can share a server."""
 
+    blocking = True  # whether a call may wait on I/O (an async caller runs it off the event loop)
+
     def __init__(self, *, namespace: str) -> None:
         if not namespace or ":" in namespace:
             raise ValueError("cache namespace must be non-empty and contain no ':'")
@@ -45,6 +47,8 @@ def _check_ttl(ttl: float) -> None:
 
 class MemoryCache(Cache):
     """A dict with deadlines, guarded by a lock (one process only)."""
+
+    blocking = False
 
     def __init__(self, *, namespace: str) -> None:
         super().__init__(namespace=namespace)

@@ -6,11 +6,12 @@ and a hop there and back per dependency was a large part of a cached request's t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Annotated
+from functools import partial
+from typing import Annotated, TypeVar
 
 import sqlalchemy as sa
 from fastapi import Depends, Header, HTTPException, Path, Query, Request
@@ -19,6 +20,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
 
 from evoclone.federated.api_deps import app_engine, app_settings, request_id, role_gate, unauthorized
+from evoclone.federated.stores.data_version import Memo
+from evoclone.privacy.passwords import api_token_hash
 
 from ..access_log import AccessLogWriter
 from ..api_tokens import authenticate_token, is_api_token
@@ -29,6 +32,7 @@ from ..patients import PSEUDONYM_PATTERN
 from ..sessions import SessionBackend, get_session as get_site_session
 from ..settings import SiteSettings
 
+T = TypeVar("T")
 bearer = HTTPBearer(auto_error=False, description="an access token from POST /api/v1/auth/login, or a service "
                                                   "account's API token (evs_site_...)")
 
@@ -92,26 +96,57 @@ class Principal:
         return self.sid is None
 
 
-def get_current_user(request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep, now: NowDep,
-                     creds: BearerDep) -> Principal:
-    """The caller of a live session's access token, or of a live API token; 401 otherwise."""
+async def remembered(request: Request, key: Hashable, compute: Callable[[], T]) -> T:
+    """`compute()` (blocking: run off the event loop), or what this process kept for `key`: a value read from the
+    users, API tokens or model versions, kept while no process of the site has written those tables since and for
+    at most `request_memo_seconds` (site_node/db.py); an exception is raised, never kept."""
+    memo: Memo | None = request.app.state.memo
+    if memo is None:
+        return await run_in_threadpool(compute)
+    stamp = memo.stamp()  # before reading: a write from now on leaves a stamp the value does not carry
+    value = memo.get(key, stamp)
+    if value is Memo.MISS:
+        value = await run_in_threadpool(compute)
+        memo.put(key, value, stamp)
+    return value
+
+
+def _token_owner(engine: sa.Engine, token: str) -> Principal:
+    with Session(engine) as session:
+        row = authenticate_token(session=session, token=token)
+        return Principal(f"service:{row.name}", row.role)
+
+
+def _user_state(engine: sa.Engine, username: str) -> tuple[bool, str] | None:
+    """(disabled, role) of `username`, None when there is no such user."""
+    with Session(engine) as session:
+        user = session.exec(select(SiteUser).where(SiteUser.username == username)).first()
+        return None if user is None else (user.disabled, user.role)
+
+
+async def get_current_user(request: Request, engine: EngineDep, settings: SettingsDep, store: StoreDep, now: NowDep,
+                           creds: BearerDep) -> Principal:
+    """The caller of a live session's access token, or of a live API token; 401 otherwise.
+
+    The token's owner (API token) and the user's state (session token) come from the request memo; the session
+    itself is read from its store on every request, so a logout or a revocation holds at once."""
     if creds is None or not creds.credentials:
         raise unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
     token = creds.credentials
     if is_api_token(token):
-        row = authenticate_token(session=session, token=token)
-        principal = Principal(f"service:{row.name}", row.role)
+        principal = await remembered(request, ("api token", api_token_hash(token)), lambda: _token_owner(engine, token))
     else:
         claims = decode_access_token(token, secret=request.app.state.jwt_secret, now=now)
-        live = get_site_session(store=store, sid=claims.sid, now=now, idle_seconds=settings.session_idle_minutes * 60,
-                                max_seconds=settings.session_max_hours * 3600)
+        read = partial(get_site_session, store=store, sid=claims.sid, now=now,
+                       idle_seconds=settings.session_idle_minutes * 60, max_seconds=settings.session_max_hours * 3600)
+        live = await run_in_threadpool(read) if store.blocking else read()  # Redis: off the event loop
         if live is None or live.username != claims.subject:
             raise AuthenticationFailed("the session has ended (logout, revocation or expiry); log in again at "
                                        "/api/v1/auth/login")
-        user = session.exec(select(SiteUser).where(SiteUser.username == claims.subject)).first()
-        if user is None or user.disabled or user.role != claims.role:
+        state = await remembered(request, ("user", claims.subject), lambda: _user_state(engine, claims.subject))
+        if state is None or state[0] or state[1] != claims.role:
             raise AuthenticationFailed("the token's user no longer exists, is disabled or changed role; log in again")
-        principal = Principal(user.username, user.role, claims.sid)
+        principal = Principal(claims.subject, claims.role, claims.sid)
     request.state.actor, request.state.role = principal.name, principal.role
     return principal
 

@@ -12,10 +12,11 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from evoclone.federated.api_common import freeze_startup_objects
-from evoclone.federated.stores.engine import make_engine
+from evoclone.federated.stores.data_version import Memo, version_of
 
 from ..access_log import AccessLogWriter
 from ..auth import totp_key
+from ..db import site_engine
 from ..migrate import upgrade
 from ..sessions import SessionBackend, open_backend
 from ..settings import SiteSettings, get_settings
@@ -63,7 +64,7 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
     if settings.jwt_secret is None:
         raise RuntimeError(f"{settings.jwt_secret_path} is missing; `evoclone site serve` creates it, or run "
                            "`evoclone site init` for a new site")
-    engine = make_engine(settings.db_url)
+    engine = site_engine(settings)
     store = sessions or open_backend(settings.redis_url, namespace=f"evoclone-site-{settings.name}")
 
     @asynccontextmanager
@@ -89,6 +90,9 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
     app.state.access_log, app.state.api_workers = AccessLogWriter(engine=engine), api_workers
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.totp_key = totp_key(settings)
+    version = version_of(engine)  # None: the site directory's data version could not be opened (logged)
+    app.state.memo = Memo(version, seconds=settings.request_memo_seconds) \
+        if version is not None and settings.request_memo_seconds > 0 else None
     errors.install(app)
     add_routes(app, health.router)
     for module in API_MODULES:

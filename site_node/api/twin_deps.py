@@ -8,12 +8,13 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
-from sqlmodel import Session
+from fastapi.concurrency import run_in_threadpool
 
 from evoclone.federated.stores.cache import open_cache
 
 from ..inference import CacheStatus, InferencePool, JobRunner, ModelRef, SiteCache, cache_key, default_workers, \
     promoted_model
+from .deps import remembered
 
 _INIT = threading.Lock()  # guards the first creation only; the services live on app.state
 
@@ -28,15 +29,17 @@ class TwinServices:
     cache: SiteCache
     jobs: JobRunner
 
-    def lookup(self, kind: str, pseudonym: str, params: dict[str, Any], session: Session | None = None
-               ) -> tuple[ModelRef, str, bytes | None, CacheStatus]:
-        """(Blocking) the promoted version, the result's cache key, its cached JSON (None: compute it) and the
-        cache status; `session` (the auth lookup's) is closed first, since a miss may wait for a worker."""
-        if session is not None:
-            session.close()
-        ref = promoted_model(engine=self.engine)
+    async def lookup(self, request: Request, kind: str, pseudonym: str, params: dict[str, Any]
+                     ) -> tuple[ModelRef, str, bytes | None, CacheStatus]:
+        """The promoted version (from the request memo: a promotion in any process is seen at once), the result's
+        cache key, its cached JSON (None: compute it) and the cache status; no thread hop with the in-process
+        cache and a kept version."""
+        ref = await remembered(request, "promoted model", lambda: promoted_model(engine=self.engine))
         key = cache_key(ref.version, kind, pseudonym, params)
-        raw, status = self.cache.lookup_raw(key)
+        if self.cache.backend.blocking:  # Redis: off the event loop
+            raw, status = await run_in_threadpool(self.cache.lookup_raw, key)
+        else:
+            raw, status = self.cache.lookup_raw(key)
         return ref, key, raw, status
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlmodel import Session
@@ -20,8 +20,7 @@ from ...keyring import load_keyring
 from ...patients import get_record
 from ...review import queue_twins
 from ...review_models import TwinReviewCreate
-from ..deps import AccessLogDep, ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SessionDep, \
-    SettingsDep
+from ..deps import AccessLogDep, ClinicalUser, EngineDep, NowDep, PseudonymPath, ReasonDep, RequestId, SettingsDep
 from ..twin_deps import ServicesDep
 
 router = APIRouter(prefix="/patients", tags=["twins"])
@@ -98,10 +97,10 @@ def _json(raw: bytes, status: str) -> Response:
 @router.post("/{pseudonym}/twins", response_model=TwinsPublic, responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: ClinicalUser, reason: ReasonDep,
                        engine: EngineDep, settings: SettingsDep, services: ServicesDep, now: NowDep, rid: RequestId,
-                       session: SessionDep, access_log: AccessLogDep) -> Response:
+                       access_log: AccessLogDep, request: Request) -> Response:
     """Generate gated twins of a patient with the promoted model; new twins are queued for clinician review."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid)
-    ref, key, raw, status = await run_in_threadpool(services.lookup, "twins", pseudonym, body.model_dump(), session)
+    ref, key, raw, status = await services.lookup(request, "twins", pseudonym, body.model_dump())
     if raw is not None:
         await access_log.append(AccessEntryCreate(**entry, action="twin.read", pseudonym=pseudonym), now)
         return _json(raw, status)
@@ -132,11 +131,11 @@ async def create_twins(pseudonym: PseudonymPath, body: TwinRequest, user: Clinic
             responses={**ERRORS, 200: {"headers": CACHE_HEADER}})
 async def read_prediction(pseudonym: PseudonymPath, arm: Annotated[Arm, Query(description="the arm to predict under")],
                           user: ClinicalUser, reason: ReasonDep, engine: EngineDep, settings: SettingsDep,
-                          services: ServicesDep, now: NowDep, rid: RequestId, session: SessionDep,
-                          access_log: AccessLogDep) -> Response:
+                          services: ServicesDep, now: NowDep, rid: RequestId, access_log: AccessLogDep,
+                          request: Request) -> Response:
     """The patient's predicted risk under an arm, with a 95% interval, the risk category and the top features."""
     entry = dict(actor=user.name, role=user.role, reason=reason.value, request_id=rid, action="prediction.read")
-    ref, key, raw, status = await run_in_threadpool(services.lookup, "prediction", pseudonym, {"arm": arm}, session)
+    ref, key, raw, status = await services.lookup(request, "prediction", pseudonym, {"arm": arm})
     if raw is None:
         record = await run_in_threadpool(lambda: load_patient(engine=engine, settings=settings, pseudonym=pseudonym,
                                                               entry=entry, now=now))
