@@ -75,3 +75,42 @@ class PatientRecord(BaseModel):
     def history(self, *, until: float = 0.0) -> tuple[Event, ...]:
         """Events at or before `until` days, in time order."""
         return tuple(e for e in sorted(self.events, key=lambda e: e.time) if e.time <= until)
+
+
+# --- the record's JSON straight from validated columns (bulk ingest) -------------------------------------------
+# A site ingesting millions of events spent a third of its time having pydantic validate per-event objects the
+# ingest had already validated column-wise. These helpers write the same bytes `PatientRecord.model_dump_json()`
+# writes (pydantic-core's own serializer formats every number and string), with per-event work done in bulk.
+
+_EVENTS_SLOT = b',"events":[],"notes":[],"outcomes":'
+
+
+def _json_scalars(values: list) -> list[str]:
+    """Each float or None of `values` as pydantic-core writes it (none of them contains a comma)."""
+    from pydantic_core import to_json
+
+    text = to_json(values).decode()
+    return text[1:-1].split(",") if len(text) > 2 else []
+
+
+def event_json(time: list[float], code: list[str], value: list[float | None], unit: list[str | None]) -> list[str]:
+    """Each event's JSON, as `Event(time=..., code=..., value=..., unit=...).model_dump_json()` writes it, for
+    events already validated column-wise (finite times and values, non-empty codes)."""
+    from pydantic_core import to_json
+
+    strings = {s: to_json(s).decode() for s in {*code, *unit}}
+    return [f'{{"time":{t},"code":{strings[c]},"value":{v},"unit":{strings[u]}}}'
+            for t, c, v, u in zip(_json_scalars(time), code, _json_scalars(value), unit)]
+
+
+def record_json(record: PatientRecord, events: list[str]) -> bytes:
+    """`record`'s JSON with `events` (from `event_json`) as its timeline: the bytes `model_dump_json()` writes for
+    the record holding those events. `record` is validated, and has no events and no notes."""
+    if record.events or record.notes:
+        raise ValueError("record_json takes a record without events or notes")
+    head = record.model_dump_json().encode()
+    at = head.rfind(_EVENTS_SLOT)  # the outcomes after it hold numbers and booleans only
+    if at < 0:
+        raise RuntimeError("PatientRecord's JSON layout changed: events are no longer followed by notes, outcomes")
+    return b"".join((head[:at], b',"events":[', ",".join(events).encode(), b'],"notes":[],"outcomes":',
+                     head[at + len(_EVENTS_SLOT):]))

@@ -8,6 +8,7 @@ patient's keyed offset. Error messages name the file, row and field, never the v
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evoclone.federated.record import Arm, Outcomes, PatientRecord
+from evoclone.federated.record import Arm, Outcomes, PatientRecord, event_json, record_json
 from evoclone.privacy.pseudonym import Pseudonymizer, age_at, zip3
 
+from .store import RecordPayload
 from .units import CANONICAL, UnitError, convert, range_error
 
 PATIENT_COLUMNS = ("mrn", "birth_date", "sex", "enrollment_date", "arm")
@@ -223,8 +225,11 @@ RECORD_BATCH = 2_000
 class StagedRecords:
     """Validated events spooled to a private temporary SQLite file, read back per patient batch.
 
-    Holds no identifier: events are keyed by the patient's position in the extract.
-    Iterating yields canonical records in extract order; use as a context manager or close().
+    Holds no identifier: events are keyed by the patient's position in the extract. Each event is spooled as
+    its canonical JSON, written in bulk from the validated columns (`record.event_json`), so the records are
+    serialized without building a pydantic object per event. `payloads()` yields the records ready to seal
+    (what the pipeline stores), iterating yields them as canonical records; both in extract order. Use as a
+    context manager or close().
     """
 
     def __init__(self, base: dict[str, dict], *, site: str, pseudonymizer: Pseudonymizer) -> None:
@@ -235,7 +240,7 @@ class StagedRecords:
         self._db = sqlite3.connect(Path(self._dir.name) / "staging.db")
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE ev (p INTEGER, t REAL, code TEXT, value REAL, unit TEXT)")
+        self._db.execute("CREATE TABLE ev (p INTEGER, j TEXT)")
         self._order = list(base)
         self._pos = {m: i for i, m in enumerate(self._order)}
         self._base = base
@@ -245,27 +250,35 @@ class StagedRecords:
     def add(self, mrn, days, code, value, unit) -> None:
         """Spool one validated chunk."""
         pos = [self._pos[m] for m in mrn]
-        self._db.executemany("INSERT INTO ev VALUES (?, ?, ?, ?, ?)",
-                             zip(pos, days.tolist(), code.tolist(), list(value), list(unit)))
+        self._db.executemany("INSERT INTO ev VALUES (?, ?)",
+                             zip(pos, event_json(days.tolist(), code.tolist(), list(value), list(unit))))
         self.events += len(pos)
 
     def __len__(self) -> int:
         return len(self._order)
 
-    def __iter__(self):
-        self._db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p, t)")
+    def payloads(self) -> Iterator[RecordPayload]:
+        """Each patient's record as its canonical JSON (the bytes `PatientRecord.model_dump_json()` writes); the
+        per-patient part is validated by the record model, the events were validated column-wise."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p)")
         for start in range(0, len(self._order), RECORD_BATCH):
             end = min(start + RECORD_BATCH, len(self._order))
-            events: dict[int, list[dict]] = {}
-            for p, t, c, v, u in self._db.execute("SELECT p, t, code, value, unit FROM ev WHERE p >= ? AND p < ? "
-                                                   "ORDER BY p, rowid", (start, end)):
-                events.setdefault(p, []).append({"time": t, "code": c, "value": v, "unit": u})
+            events: dict[int, list[str]] = {}
+            for p, j in self._db.execute("SELECT p, j FROM ev WHERE p >= ? AND p < ? ORDER BY p, rowid",
+                                         (start, end)):
+                events.setdefault(p, []).append(j)
             for i in range(start, end):
                 m = self._order[i]
                 b = self._base[m]
-                yield PatientRecord(patient_id=self._pseudonymizer.pseudonym(m), site=self._site,
-                                    index_date=b["index_date"], baseline=b["baseline"], arm=Arm(b["arm"]),
-                                    events=tuple(events.get(i, ())), outcomes=Outcomes(**b["outcomes"]))
+                head = PatientRecord(patient_id=self._pseudonymizer.pseudonym(m), site=self._site,
+                                     index_date=b["index_date"], baseline=b["baseline"], arm=Arm(b["arm"]),
+                                     outcomes=Outcomes(**b["outcomes"]))
+                timeline = events.get(i, [])
+                yield RecordPayload(head.patient_id, head.site, len(timeline), record_json(head, timeline))
+
+    def __iter__(self) -> Iterator[PatientRecord]:
+        for p in self.payloads():
+            yield PatientRecord.model_validate_json(p.payload)
 
     def close(self) -> None:
         """Delete the spool."""

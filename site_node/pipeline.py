@@ -12,7 +12,7 @@ from evoclone.privacy.pseudonym import Pseudonymizer
 from .ingest import read_extract
 from .keyring import Keyring, load_keyring, next_key_id, save_keyring
 from .settings import SiteSettings, get_settings, load_key
-from .store import SiteStore
+from .store import RecordPayload, SiteStore
 
 
 def open_store(settings: SiteSettings) -> SiteStore:
@@ -53,7 +53,7 @@ def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | Non
                                    pseudonymizer=Pseudonymizer(key=load_key(settings)),
                                    mapping=load_mapping(mapping_file), allow_partial=allow_partial)
     with records:
-        counts = _store(settings, records, quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
+        counts = _store(settings, records.payloads(), quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
     return {**counts, "rejected": len(issues), "errors": [vars(i) for i in issues]}
 
 
@@ -85,8 +85,9 @@ def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
 
     def counted(items):
         for r in items:
+            r = RecordPayload.of(r)
             tally["records"] += 1
-            tally["events"] += len(r.events)
+            tally["events"] += r.n_events
             yield r
 
     try:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from sqlalchemy import LargeBinary, func, insert, update
 from sqlmodel import Column, Field, Session, SQLModel, create_engine, select
@@ -66,6 +67,22 @@ class QuarantineRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+class RecordPayload(NamedTuple):
+    """A record ready to seal: its pseudonym, site, number of events and canonical JSON (the bytes
+    `PatientRecord.model_dump_json()` writes: what is encrypted and what the content MAC covers)."""
+
+    patient_id: str
+    site: str
+    n_events: int
+    payload: bytes
+
+    @classmethod
+    def of(cls, record: PatientRecord | RecordPayload) -> RecordPayload:
+        if isinstance(record, RecordPayload):
+            return record
+        return cls(record.patient_id, record.site, len(record.events), record.model_dump_json().encode())
+
+
 def _batches(items: Iterable, size: int):
     batch = []
     for item in items:
@@ -94,7 +111,7 @@ class SiteStore:
     def _mac(self, payload: bytes) -> str:
         return hmac.new(self._mac_key, b"record\x1f" + payload, hashlib.sha256).hexdigest()
 
-    def upsert_records(self, *, records: Iterable[PatientRecord],
+    def upsert_records(self, *, records: Iterable[PatientRecord | RecordPayload],
                        quarantine: Iterable[tuple[str, str, str, str]] = (), batch: str = "") -> int:
         """Insert or update records, and quarantine rejected rows (source, location, field,
         reason), in one transaction (all or nothing); returns records written."""
@@ -113,18 +130,20 @@ class SiteStore:
                 session.delete(key_row)
         return written
 
-    def _upsert_chunk(self, session: Session, records: list[PatientRecord], *, data_key: bytes, key_id: int) -> int:
-        prepared = [(r, r.model_dump_json().encode()) for r in records]
-        ids = [r.patient_id for r, _ in prepared]
+    def _upsert_chunk(self, session: Session, records: list[PatientRecord | RecordPayload], *, data_key: bytes,
+                      key_id: int) -> int:
+        prepared = [RecordPayload.of(r) for r in records]
+        ids = [r.patient_id for r in prepared]
         existing: dict[str, str] = dict(session.exec(select(PatientRow.pseudonym, PatientRow.content_mac)
                                                      .where(PatientRow.pseudonym.in_(ids))).all())
         inserts, updates = [], []
-        for r, payload in prepared:
-            mac = self._mac(payload)
+        for r in prepared:
+            mac = self._mac(r.payload)
             if existing.get(r.patient_id) == mac:
                 continue  # same content already stored: idempotent re-ingest
-            row = {"pseudonym": r.patient_id, "site": r.site, "n_events": len(r.events), "content_mac": mac,
-                   "data_key_id": key_id, "ciphertext": seal(payload, data_key=data_key, context=r.patient_id.encode())}
+            row = {"pseudonym": r.patient_id, "site": r.site, "n_events": r.n_events, "content_mac": mac,
+                   "data_key_id": key_id,
+                   "ciphertext": seal(r.payload, data_key=data_key, context=r.patient_id.encode())}
             (updates if r.patient_id in existing else inserts).append(row)
         if inserts:  # executemany: one round trip per chunk on PostgreSQL and SQLite
             session.execute(insert(PatientRow), inserts)
