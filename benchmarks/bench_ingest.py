@@ -109,6 +109,13 @@ def worker(mode: str, extract: Path, db: str, limit: int) -> None:
             events += len(r.events)
     seconds = time.perf_counter() - t0
     peak_mb = _peak_rss_mb()
+    # the validation's worker processes (one per core, running together): each one's peak counted as the
+    # largest one's, an upper bound (a forked worker's resident set also counts pages it shares with this one)
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if child_mb:
+        from evoclone.site_node.ingest import _default_workers
+
+        peak_mb += _default_workers() * child_mb
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"mode": mode, "events": events, "seconds": seconds, "peak_mb": peak_mb}))
 

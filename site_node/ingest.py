@@ -7,7 +7,9 @@ patient's keyed offset. Error messages name the file, row and field, never the v
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -109,14 +111,16 @@ def load_mapping(path: Path | None) -> dict[str, dict[str, str]]:
 
 
 def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseudonymizer: Pseudonymizer,
-                 mapping: dict[str, dict[str, str]] | None = None, allow_partial: bool = False
-                 ) -> tuple["StagedRecords", list[IngestIssue]]:
+                 mapping: dict[str, dict[str, str]] | None = None, allow_partial: bool = False,
+                 workers: int | None = None) -> tuple["StagedRecords", list[IngestIssue]]:
     """Parse, validate and anonymize one extract.
 
     Returns the good records (a StagedRecords to iterate and close) and the issues of the
     rows left out; without `allow_partial`
     any issue raises IngestError instead (the batch is all or nothing). File-level
-    problems (unreadable file, missing or unknown columns) always raise.
+    problems (unreadable file, missing or unknown columns) always raise. A large events file
+    is validated by `workers` processes (default: one per core), each taking a run of whole
+    lines; the records and issues are the same as with one.
     """
     mapping = mapping or {}
     issues: list[IngestIssue] = []
@@ -199,17 +203,12 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
     try:
         if ev_head is not None:
             rename = {theirs: ours for ours, theirs in (mapping.get("events") or {}).items()}
-            first = 2
-            try:
-                chunks = pd.read_csv(events_csv, dtype=str, keep_default_na=False, encoding="utf-8",
-                                     chunksize=EVENT_CHUNK)
-                for chunk in chunks:  # bounded memory whatever the file size
-                    chunk = chunk.rename(columns=rename) if rename else chunk
-                    issues += _events(chunk, events_csv.name, enrol_of, birth_of, seen, staged.add, first_line=first)
-                    first += len(chunk)
-            except (UnicodeDecodeError, pd.errors.ParserError) as exc:
-                issues.append(IngestIssue(events_csv.name, f"near line {first}", "-",
-                                          f"not a readable UTF-8 CSV ({type(exc).__name__})"))
+            parts = _plan_parts(events_csv, workers)
+            context = _Context(events_csv, rename, enrol_of, birth_of, seen, staged.positions)
+            if len(parts) == 1:
+                issues += _validate_part(context, parts[0], staged.spool)
+            else:
+                issues += _validate_in_parallel(context, parts, staged)
         if issues and not allow_partial:
             raise IngestError(issues)
     except BaseException:
@@ -218,41 +217,205 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
     return staged, issues
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A run of whole lines of the events file: bytes [start, end) (end None: to the end), first line number."""
+
+    start: int
+    end: int | None
+    first_line: int
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What validating any part of the events file needs (sent to the worker processes)."""
+
+    path: Path
+    rename: dict[str, str]
+    enrol_of: dict[str, date]
+    birth_of: dict[str, date]
+    seen: set[str]
+    positions: dict[str, int]
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _plan_parts(path: Path, workers: int | None) -> list[_Part]:
+    """Split the events file into up to `workers` runs of whole lines (the cores when None), one per worker
+    process; a file under PARALLEL_MIN_BYTES, or holding a quote character anywhere (a quoted field may
+    hold a line break, so a byte offset is not always the start of a row), is one part."""
+    auto = workers is None
+    workers = _default_workers() if auto else workers
+    size = path.stat().st_size
+    if workers < 2 or (auto and size < PARALLEL_MIN_BYTES):
+        return [_Part(0, None, 2)]
+    with path.open("rb") as f:
+        header = len(f.readline())
+        cuts = [header]
+        for k in range(1, workers):  # the start of the first line at or after each k/workers of the file
+            f.seek(max(header, size * k // workers) - 1)
+            f.readline()
+            if f.tell() > cuts[-1] and f.tell() < size:
+                cuts.append(f.tell())
+        if len(cuts) == 1:
+            return [_Part(0, None, 2)]
+        f.seek(0)
+        lines, at, starts = 0, 0, {}
+        pending = list(cuts)
+        while block := f.read(1 << 23):
+            if b'"' in block:
+                return [_Part(0, None, 2)]
+            while pending and pending[0] <= at + len(block):
+                starts[pending[0]] = lines + block.count(b"\n", 0, pending[0] - at) + 1
+                pending.pop(0)
+            lines += block.count(b"\n")
+            at += len(block)
+    ends = [*cuts[1:], None]
+    return [_Part(c, e, starts[c]) for c, e in zip(cuts, ends)]
+
+
+class _LineRange(io.RawIOBase):
+    """The events file's header line followed by bytes [start, end): one part, read as a file of its own."""
+
+    def __init__(self, path: Path, part: _Part) -> None:
+        self._f = path.open("rb")
+        self._head = self._f.readline() if part.start > 0 else b""
+        self._f.seek(part.start)
+        self._left = None if part.end is None else part.end - part.start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        want = len(buffer) if self._left is None else min(len(buffer), self._left)
+        data = self._f.read(want)
+        if self._left is not None:
+            self._left -= len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _validate_part(context: _Context, part: _Part, spool: "_Spool") -> list[IngestIssue]:
+    """Validate one part of the events file chunk by chunk (bounded memory) into `spool`; its issues."""
+    issues: list[IngestIssue] = []
+    first = part.first_line
+    source = context.path.name
+    try:
+        with _LineRange(context.path, part) as raw:
+            chunks = pd.read_csv(io.BufferedReader(raw, 1 << 20), dtype=str, keep_default_na=False,
+                                 encoding="utf-8", chunksize=EVENT_CHUNK)
+            for chunk in chunks:
+                chunk = chunk.rename(columns=context.rename) if context.rename else chunk
+                issues += _events(chunk, source, context.enrol_of, context.birth_of, context.seen, spool.add,
+                                  first_line=first)
+                first += len(chunk)
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        issues.append(IngestIssue(source, f"near line {first}", "-", f"not a readable UTF-8 CSV ({type(exc).__name__})"))
+    return issues
+
+
+def _validate_to(context: _Context, part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
+    """(In a worker process) validate one part into a spool file of its own; its issues and events spooled."""
+    spool = _Spool(path, context.positions)
+    try:
+        return _validate_part(context, part, spool), spool.events
+    finally:
+        spool.close()
+
+
+def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "StagedRecords") -> list[IngestIssue]:
+    """Validate the parts in worker processes, one spool each, attached to `staged` in file order (so each
+    patient's events keep the extract's order); the issues in line order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    paths = [staged.spool_path(k) for k in range(1, len(parts) + 1)]
+    with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(_validate_to, [context] * len(parts), parts, paths))
+    issues: list[IngestIssue] = []
+    for path, (found, events) in zip(paths, results):
+        staged.attach(path, events)
+        issues += found
+    return issues
+
+
 EVENT_CHUNK = 250_000
 RECORD_BATCH = 2_000
+PARALLEL_MIN_BYTES = 16 << 20  # smaller events files are validated in the calling process
 
 
-class StagedRecords:
-    """Validated events spooled to a private temporary SQLite file, read back per patient batch.
+class _Spool:
+    """One spool file: validated events keyed by the patient's position in the extract, each as its JSON."""
 
-    Holds no identifier: events are keyed by the patient's position in the extract. Each event is spooled as
-    its canonical JSON, written in bulk from the validated columns (`record.event_json`), so the records are
-    serialized without building a pydantic object per event. `payloads()` yields the records ready to seal
-    (what the pipeline stores), iterating yields them as canonical records; both in extract order. Use as a
-    context manager or close().
-    """
-
-    def __init__(self, base: dict[str, dict], *, site: str, pseudonymizer: Pseudonymizer) -> None:
+    def __init__(self, path: Path, positions: dict[str, int]) -> None:
         import sqlite3
-        import tempfile
 
-        self._dir = tempfile.TemporaryDirectory(prefix="evoclone-ingest-")
-        self._db = sqlite3.connect(Path(self._dir.name) / "staging.db")
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE ev (p INTEGER, j TEXT)")
-        self._order = list(base)
-        self._pos = {m: i for i, m in enumerate(self._order)}
-        self._base = base
-        self._site, self._pseudonymizer = site, pseudonymizer
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE IF NOT EXISTS ev (p INTEGER, j TEXT)")
+        self._pos = positions
         self.events = 0
 
     def add(self, mrn, days, code, value, unit) -> None:
         """Spool one validated chunk."""
         pos = [self._pos[m] for m in mrn]
-        self._db.executemany("INSERT INTO ev VALUES (?, ?)",
-                             zip(pos, event_json(days.tolist(), code.tolist(), list(value), list(unit))))
+        with self.db:
+            self.db.executemany("INSERT INTO ev VALUES (?, ?)",
+                                zip(pos, event_json(days.tolist(), code.tolist(), list(value), list(unit))))
         self.events += len(pos)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class StagedRecords:
+    """Validated events spooled to private temporary SQLite files, read back per patient batch.
+
+    Holds no identifier: events are keyed by the patient's position in the extract. Each event is spooled as
+    its canonical JSON, written in bulk from the validated columns (`record.event_json`), so the records are
+    serialized without building a pydantic object per event. Worker processes that validated parts of a large
+    events file each leave a spool file, attached in file order. `payloads()` yields the records ready to seal
+    (what the pipeline stores), iterating yields them as canonical records; both in extract order. Use as a
+    context manager or close().
+    """
+
+    def __init__(self, base: dict[str, dict], *, site: str, pseudonymizer: Pseudonymizer) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="evoclone-ingest-")
+        self._order = list(base)
+        self.positions = {m: i for i, m in enumerate(self._order)}
+        self.spool = _Spool(self.spool_path(0), self.positions)
+        self._spools = [self.spool]
+        self._base = base
+        self._site, self._pseudonymizer = site, pseudonymizer
+
+    @property
+    def events(self) -> int:
+        return sum(s.events for s in self._spools)
+
+    def spool_path(self, k: int) -> Path:
+        return Path(self._dir.name) / f"staging-{k}.db"
+
+    def attach(self, path: Path, events: int) -> None:
+        """Read a worker's spool file after the ones attached before it."""
+        spool = _Spool(path, self.positions)
+        spool.events = events
+        self._spools.append(spool)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -260,13 +423,15 @@ class StagedRecords:
     def payloads(self) -> Iterator[RecordPayload]:
         """Each patient's record as its canonical JSON (the bytes `PatientRecord.model_dump_json()` writes); the
         per-patient part is validated by the record model, the events were validated column-wise."""
-        self._db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p)")
+        for spool in self._spools:
+            spool.db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p)")
         for start in range(0, len(self._order), RECORD_BATCH):
             end = min(start + RECORD_BATCH, len(self._order))
             events: dict[int, list[str]] = {}
-            for p, j in self._db.execute("SELECT p, j FROM ev WHERE p >= ? AND p < ? ORDER BY p, rowid",
-                                         (start, end)):
-                events.setdefault(p, []).append(j)
+            for spool in self._spools:  # in file order
+                for p, j in spool.db.execute("SELECT p, j FROM ev WHERE p >= ? AND p < ? ORDER BY p, rowid",
+                                             (start, end)):
+                    events.setdefault(p, []).append(j)
             for i in range(start, end):
                 m = self._order[i]
                 b = self._base[m]
@@ -281,8 +446,9 @@ class StagedRecords:
             yield PatientRecord.model_validate_json(p.payload)
 
     def close(self) -> None:
-        """Delete the spool."""
-        self._db.close()
+        """Delete the spools."""
+        for spool in self._spools:
+            spool.close()
         self._dir.cleanup()
 
     def __enter__(self) -> "StagedRecords":

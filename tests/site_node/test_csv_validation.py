@@ -132,3 +132,52 @@ def test_chunked_ingest_matches_and_reports_lines_across_chunks(small_cohort, tm
     p, e = _write(tmp_path, pat, ev)
     with pytest.raises(IngestError, match="line 2502: value"):
         ingest_extract(site_dir=chunked, patients_csv=p, events_csv=e)
+
+
+def test_worker_processes_give_the_same_records_and_issues_as_one(small_cohort, tmp_path):
+    """A large events file is validated in parts by worker processes (forced here on a small one): each patient's
+    events keep the extract's order across parts, and every issue keeps its file line."""
+    from evoclone.privacy.pseudonym import Pseudonymizer
+    from evoclone.site_node.ingest import read_extract
+
+    pat, ev = _copy(small_cohort, tmp_path)
+    n = len(ev)
+    ev.loc[3, "value"] = "abc"
+    ev.loc[n // 2, "date"] = "2099-01-01"
+    ev.loc[n // 2 + 1, "mrn"] = "NOBODY"
+    ev.loc[n - 1, "code"] = ""
+    p, e = _write(tmp_path, pat, ev)
+    pseudonymizer = Pseudonymizer(key=b"k" * 32)
+
+    def run(workers):
+        staged, issues = read_extract(p, e, site="s", pseudonymizer=pseudonymizer, allow_partial=True,
+                                      workers=workers)
+        with staged:
+            return [x.payload for x in staged.payloads()], [vars(i) for i in issues], staged.events, \
+                len(staged._spools)
+
+    one = run(1)
+    assert one[3] == 1 and [(i["location"], i["field"]) for i in one[1]] == [
+        ("line 5", "value"), (f"line {n // 2 + 2}", "date"), (f"line {n // 2 + 3}", "mrn"), (f"line {n + 1}", "code")]
+    for workers in (2, 3):
+        many = run(workers)
+        assert many[3] == workers + 1  # the caller's (empty) spool and one per worker
+        assert many[:3] == one[:3]
+
+
+def test_a_file_with_quotes_is_validated_in_one_part(tmp_path):
+    """A quoted field may hold a line break, so a byte offset is not always a row's start: one process reads it."""
+    from evoclone.site_node.ingest import _plan_parts
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text("mrn,date,code,value,unit\n" + "".join(f"M{i},2020-01-01,c,1,u\n" for i in range(1000)))
+    parts = _plan_parts(plain, 3)
+    assert len(parts) == 3 and parts[0].first_line == 2
+    lines = plain.read_bytes()
+    for part in parts:  # each part starts at a line start, with the line number counted from the file
+        assert lines[part.start - 1:part.start] == b"\n"
+        assert lines[:part.start].count(b"\n") + 1 == part.first_line
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text(plain.read_text().replace("M999,2020-01-01,c,1,u", 'M999,2020-01-01,"c\nd",1,u'))
+    assert len(_plan_parts(quoted, 3)) == 1
+    assert len(_plan_parts(plain, None)) == 1  # small files: the calling process
