@@ -204,7 +204,7 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
         if ev_head is not None:
             rename = {theirs: ours for ours, theirs in (mapping.get("events") or {}).items()}
             parts = _plan_parts(events_csv, workers)
-            context = _Context(events_csv, rename, enrol_of, birth_of, seen, staged.positions)
+            context = _Context(events_csv, rename, enrol_of, birth_of, seen, staged.positions, staged.bucket)
             if len(parts) == 1:
                 issues += _validate_part(context, parts[0], staged.spool)
             else:
@@ -236,6 +236,7 @@ class _Context:
     birth_of: dict[str, date]
     seen: set[str]
     positions: dict[str, int]
+    bucket: int
 
 
 def _default_workers() -> int:
@@ -327,11 +328,15 @@ def _validate_part(context: _Context, part: _Part, spool: "_Spool") -> list[Inge
     return issues
 
 
-def _validate_to(context: _Context, part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
+_FORKED: _Context | None = None  # the context of the parallel validation, inherited by its forked workers
+
+
+def _validate_to(part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
     """(In a worker process) validate one part into a spool file of its own; its issues and events spooled."""
-    spool = _Spool(path, context.positions)
+    assert _FORKED is not None
+    spool = _Spool(path, _FORKED.positions, _FORKED.bucket)
     try:
-        return _validate_part(context, part, spool), spool.events
+        return _validate_part(_FORKED, part, spool), spool.events
     finally:
         spool.close()
 
@@ -342,9 +347,14 @@ def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "Staged
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    global _FORKED
     paths = [staged.spool_path(k) for k in range(1, len(parts) + 1)]
-    with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork")) as pool:
-        results = list(pool.map(_validate_to, [context] * len(parts), parts, paths))
+    _FORKED = context  # the workers fork with it: the patients' dictionaries are not pickled to each
+    try:
+        with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_validate_to, parts, paths))
+    finally:
+        _FORKED = None
     issues: list[IngestIssue] = []
     for path, (found, events) in zip(paths, results):
         staged.attach(path, events)
@@ -358,25 +368,47 @@ PARALLEL_MIN_BYTES = 16 << 20  # smaller events files are validated in the calli
 
 
 class _Spool:
-    """One spool file: validated events keyed by the patient's position in the extract, each as its JSON."""
+    """One spool file: validated events, each as its JSON, keyed by the patient's position in the extract.
 
-    def __init__(self, path: Path, positions: dict[str, int]) -> None:
+    Events go to one table per run of `bucket` consecutive positions (the record batches read back
+    together), appended in file order, so reading a batch back is one sequential scan of its table: no index
+    to build, no random reads (an index over one table made reading back the largest cost at 100,000 patients).
+    """
+
+    def __init__(self, path: Path, positions: dict[str, int], bucket: int) -> None:
         import sqlite3
 
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute("CREATE TABLE IF NOT EXISTS ev (p INTEGER, j TEXT)")
-        self._pos = positions
+        self._pos, self.bucket = positions, bucket
+        self.tables = {int(name[3:]) for (name,) in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'ev_%'")}
         self.events = 0
 
     def add(self, mrn, days, code, value, unit) -> None:
-        """Spool one validated chunk."""
-        pos = [self._pos[m] for m in mrn]
+        """Spool one validated chunk: each patient's events of the chunk as one row (count, JSON list items)."""
+        pos = np.fromiter((self._pos[m] for m in mrn), dtype=np.int64, count=len(mrn))
+        rows = event_json(days.tolist(), code.tolist(), list(value), list(unit))
+        order = np.argsort(pos, kind="stable")  # file order kept within each patient
+        pos = pos[order]
+        rows = [rows[i] for i in order.tolist()]
+        starts = np.flatnonzero(np.diff(pos, prepend=-1)).tolist()
+        ends = [*starts[1:], len(rows)]
+        by_bucket: dict[int, list[tuple[int, int, str]]] = {}
+        for lo, hi, p in zip(starts, ends, pos[starts].tolist()):
+            by_bucket.setdefault(p // self.bucket, []).append((p, hi - lo, ",".join(rows[lo:hi])))
         with self.db:
-            self.db.executemany("INSERT INTO ev VALUES (?, ?)",
-                                zip(pos, event_json(days.tolist(), code.tolist(), list(value), list(unit))))
-        self.events += len(pos)
+            for b, items in by_bucket.items():
+                if b not in self.tables:
+                    self.db.execute(f"CREATE TABLE ev_{b} (p INTEGER, n INTEGER, j TEXT)")
+                    self.tables.add(b)
+                self.db.executemany(f"INSERT INTO ev_{b} VALUES (?, ?, ?)", items)
+        self.events += len(rows)
+
+    def read(self, b: int):
+        """(position, number of events, their JSON list items) of bucket `b`, in file order."""
+        return self.db.execute(f"SELECT p, n, j FROM ev_{b}") if b in self.tables else ()
 
     def close(self) -> None:
         self.db.close()
@@ -399,7 +431,8 @@ class StagedRecords:
         self._dir = tempfile.TemporaryDirectory(prefix="evoclone-ingest-")
         self._order = list(base)
         self.positions = {m: i for i, m in enumerate(self._order)}
-        self.spool = _Spool(self.spool_path(0), self.positions)
+        self.bucket = RECORD_BATCH
+        self.spool = _Spool(self.spool_path(0), self.positions, self.bucket)
         self._spools = [self.spool]
         self._base = base
         self._site, self._pseudonymizer = site, pseudonymizer
@@ -413,7 +446,7 @@ class StagedRecords:
 
     def attach(self, path: Path, events: int) -> None:
         """Read a worker's spool file after the ones attached before it."""
-        spool = _Spool(path, self.positions)
+        spool = _Spool(path, self.positions, self.bucket)
         spool.events = events
         self._spools.append(spool)
 
@@ -423,23 +456,21 @@ class StagedRecords:
     def payloads(self) -> Iterator[RecordPayload]:
         """Each patient's record as its canonical JSON (the bytes `PatientRecord.model_dump_json()` writes); the
         per-patient part is validated by the record model, the events were validated column-wise."""
-        for spool in self._spools:
-            spool.db.execute("CREATE INDEX IF NOT EXISTS ev_p ON ev (p)")
-        for start in range(0, len(self._order), RECORD_BATCH):
-            end = min(start + RECORD_BATCH, len(self._order))
+        for start in range(0, len(self._order), self.bucket):
+            end = min(start + self.bucket, len(self._order))
             events: dict[int, list[str]] = {}
+            counts: dict[int, int] = {}
             for spool in self._spools:  # in file order
-                for p, j in spool.db.execute("SELECT p, j FROM ev WHERE p >= ? AND p < ? ORDER BY p, rowid",
-                                             (start, end)):
+                for p, n, j in spool.read(start // self.bucket):
                     events.setdefault(p, []).append(j)
+                    counts[p] = counts.get(p, 0) + n
             for i in range(start, end):
                 m = self._order[i]
                 b = self._base[m]
                 head = PatientRecord(patient_id=self._pseudonymizer.pseudonym(m), site=self._site,
                                      index_date=b["index_date"], baseline=b["baseline"], arm=Arm(b["arm"]),
                                      outcomes=Outcomes(**b["outcomes"]))
-                timeline = events.get(i, [])
-                yield RecordPayload(head.patient_id, head.site, len(timeline), record_json(head, timeline))
+                yield RecordPayload(head.patient_id, head.site, counts.get(i, 0), record_json(head, events.get(i, [])))
 
     def __iter__(self) -> Iterator[PatientRecord]:
         for p in self.payloads():
