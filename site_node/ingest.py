@@ -378,7 +378,7 @@ class _Spool:
     def __init__(self, path: Path, positions: dict[str, int], bucket: int) -> None:
         import sqlite3
 
-        self.db = sqlite3.connect(path)
+        self.db = sqlite3.connect(path, check_same_thread=False)  # read back in the store's sealing thread
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
         self._pos, self.bucket = positions, bucket

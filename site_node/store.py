@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from sqlalchemy import LargeBinary, func, insert, update
 from sqlmodel import Column, Field, Session, SQLModel, create_engine, select
@@ -67,6 +69,9 @@ class QuarantineRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+T = TypeVar("T")
+
+
 class RecordPayload(NamedTuple):
     """A record ready to seal: its pseudonym, site, number of events and canonical JSON (the bytes
     `PatientRecord.model_dump_json()` writes: what is encrypted and what the content MAC covers)."""
@@ -81,6 +86,47 @@ class RecordPayload(NamedTuple):
         if isinstance(record, RecordPayload):
             return record
         return cls(record.patient_id, record.site, len(record.events), record.model_dump_json().encode())
+
+
+def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """`items`, produced by a background thread up to `depth` ahead of the caller, so the producer's Python
+    work overlaps the caller's waits on the database (drivers release the GIL while they wait). The
+    producer's exception is raised here; the producer stops when the caller stops iterating."""
+    buffer: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name="evoclone-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = buffer.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _batches(items: Iterable, size: int):
@@ -124,26 +170,35 @@ class SiteStore:
             key_row = DataKeyRow(master_id=w.master_id, nonce=w.nonce, wrapped=w.ciphertext)
             session.add(key_row)
             session.flush()
-            for chunk in _batches(records, 2000):  # bounded memory, one transaction
-                written += self._upsert_chunk(session, chunk, data_key=data_key, key_id=key_row.id)
+            def sealed(chunk: list) -> list[tuple[RecordPayload, str, bytes]]:
+                out = []
+                for r in map(RecordPayload.of, chunk):
+                    out.append((r, self._mac(r.payload), seal(r.payload, data_key=data_key,
+                                                             context=r.patient_id.encode())))
+                return out
+
+            # bounded memory, one transaction; with a database server, records are serialized, MACed and sealed
+            # a chunk or two ahead in a thread while this one waits for the server
+            chunks = (sealed(c) for c in _batches(records, 2000))
+            if self.engine.dialect.name != "sqlite":  # a server: overlap its waits (in-process SQLite holds the GIL)
+                chunks = ahead(chunks)
+            for chunk in chunks:
+                written += self._upsert_chunk(session, chunk, key_id=key_row.id)
             if written == 0:
                 session.delete(key_row)
         return written
 
-    def _upsert_chunk(self, session: Session, records: list[PatientRecord | RecordPayload], *, data_key: bytes,
+    def _upsert_chunk(self, session: Session, prepared: list[tuple[RecordPayload, str, bytes]], *,
                       key_id: int) -> int:
-        prepared = [RecordPayload.of(r) for r in records]
-        ids = [r.patient_id for r in prepared]
+        ids = [r.patient_id for r, _, _ in prepared]
         existing: dict[str, str] = dict(session.exec(select(PatientRow.pseudonym, PatientRow.content_mac)
                                                      .where(PatientRow.pseudonym.in_(ids))).all())
         inserts, updates = [], []
-        for r in prepared:
-            mac = self._mac(r.payload)
+        for r, mac, ciphertext in prepared:
             if existing.get(r.patient_id) == mac:
                 continue  # same content already stored: idempotent re-ingest
             row = {"pseudonym": r.patient_id, "site": r.site, "n_events": r.n_events, "content_mac": mac,
-                   "data_key_id": key_id,
-                   "ciphertext": seal(r.payload, data_key=data_key, context=r.patient_id.encode())}
+                   "data_key_id": key_id, "ciphertext": ciphertext}
             (updates if r.patient_id in existing else inserts).append(row)
         if inserts:  # executemany: one round trip per chunk on PostgreSQL and SQLite
             session.execute(insert(PatientRow), inserts)

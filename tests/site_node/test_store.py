@@ -120,3 +120,35 @@ def test_processes_opening_a_new_site_database_together_migrate_it_once(db_url):
         assert errors == [] and {current(e) for e in engines} == {"0004"}
         with engines[0].connect() as conn:
             assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+
+
+def test_ahead_keeps_order_hands_over_the_producers_error_and_stops_with_the_caller():
+    """The store seals records ahead in a thread while it waits on a database server: same items in the same
+    order, the producer's exception raised in the caller, and no producer left running when the caller stops."""
+    import threading
+
+    from evoclone.site_node.store import ahead
+
+    assert list(ahead(iter(range(100)), depth=2)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise ValueError("bad record")
+
+    got = []
+    with pytest.raises(ValueError, match="bad record"):
+        for x in ahead(failing()):
+            got.append(x)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield len(produced)
+
+    for x in ahead(endless(), depth=2):
+        if x == 3:
+            break
+    assert not any(t.name == "evoclone-ahead" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # at most `depth` (and the one being put) beyond what the caller took
