@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,16 +44,43 @@ def _drop_pg(name: str) -> None:
     admin.dispose()
 
 
-def _peak_rss_mb() -> float:
-    """This process's own resident high-water mark.
+def _tree_pss_mb(pid: int) -> float:
+    """The proportional set size of `pid` and its descendants: each page shared between them counted once."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total / 1024
 
-    Not getrusage's ru_maxrss: on Linux it survives fork and exec, so a worker would report
-    its parent's peak (the parent holds the simulated cohort).
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+class PeakMemory:
+    """The peak PSS of this process and its worker processes, sampled every 100 ms in a thread (the ingest's
+    validation forks one worker per core; a worker's own peak counts pages it shares with this process)."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self.peak, self._stop = _tree_pss_mb(os.getpid()), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(os.getpid(),), daemon=True)
+        self._thread.start()
+
+    def _run(self, pid: int) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, _tree_pss_mb(pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def worker(mode: str, extract: Path, db: str, limit: int) -> None:
@@ -68,6 +94,7 @@ def worker(mode: str, extract: Path, db: str, limit: int) -> None:
         os.environ["EVOCLONE_DATABASE_URL"] = f"{PG}/{db}"
     site = work / "site"
     init_site(site, name="bench")
+    memory = PeakMemory()
     t0 = time.perf_counter()
     if mode == "pipeline":
         from evoclone.site_node.pipeline import ingest_extract
@@ -108,14 +135,7 @@ def worker(mode: str, extract: Path, db: str, limit: int) -> None:
                 session.commit()
             events += len(r.events)
     seconds = time.perf_counter() - t0
-    peak_mb = _peak_rss_mb()
-    # the validation's worker processes (one per core, running together): each one's peak counted as the
-    # largest one's, an upper bound (a forked worker's resident set also counts pages it shares with this one)
-    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if child_mb:
-        from evoclone.site_node.ingest import _default_workers
-
-        peak_mb += _default_workers() * child_mb
+    peak_mb = memory.stop()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"mode": mode, "events": events, "seconds": seconds, "peak_mb": peak_mb}))
 

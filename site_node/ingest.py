@@ -7,6 +7,7 @@ patient's keyed offset. Error messages name the file, row and field, never the v
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
@@ -204,7 +205,8 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
         if ev_head is not None:
             rename = {theirs: ours for ours, theirs in (mapping.get("events") or {}).items()}
             parts = _plan_parts(events_csv, workers)
-            context = _Context(events_csv, rename, enrol_of, birth_of, seen, staged.positions, staged.bucket)
+            context = _Context(events_csv, rename, PatientIndex.of(list(base), enrol_of, birth_of, seen),
+                               staged.bucket)
             if len(parts) == 1:
                 issues += _validate_part(context, parts[0], staged.spool)
             else:
@@ -232,10 +234,7 @@ class _Context:
 
     path: Path
     rename: dict[str, str]
-    enrol_of: dict[str, date]
-    birth_of: dict[str, date]
-    seen: set[str]
-    positions: dict[str, int]
+    patients: PatientIndex
     bucket: int
 
 
@@ -320,8 +319,7 @@ def _validate_part(context: _Context, part: _Part, spool: "_Spool") -> list[Inge
                                  encoding="utf-8", chunksize=EVENT_CHUNK)
             for chunk in chunks:
                 chunk = chunk.rename(columns=context.rename) if context.rename else chunk
-                issues += _events(chunk, source, context.enrol_of, context.birth_of, context.seen, spool.add,
-                                  first_line=first)
+                issues += _events(chunk, source, context.patients, spool.add, first_line=first)
                 first += len(chunk)
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         issues.append(IngestIssue(source, f"near line {first}", "-", f"not a readable UTF-8 CSV ({type(exc).__name__})"))
@@ -334,7 +332,7 @@ _FORKED: _Context | None = None  # the context of the parallel validation, inher
 def _validate_to(part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
     """(In a worker process) validate one part into a spool file of its own; its issues and events spooled."""
     assert _FORKED is not None
-    spool = _Spool(path, _FORKED.positions, _FORKED.bucket)
+    spool = _Spool(path, _FORKED.bucket)
     try:
         return _validate_part(_FORKED, part, spool), spool.events
     finally:
@@ -349,11 +347,15 @@ def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "Staged
 
     global _FORKED
     paths = [staged.spool_path(k) for k in range(1, len(parts) + 1)]
-    _FORKED = context  # the workers fork with it: the patients' dictionaries are not pickled to each
+    _FORKED = context  # the workers fork with it: the patients' index is not pickled to each
+    # frozen, the objects this process holds are not walked by the workers' garbage collector, which would
+    # write to (and so copy) every page of them in each worker
+    gc.freeze()
     try:
         with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(_validate_to, parts, paths))
     finally:
+        gc.unfreeze()
         _FORKED = None
     issues: list[IngestIssue] = []
     for path, (found, events) in zip(paths, results):
@@ -362,7 +364,7 @@ def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "Staged
     return issues
 
 
-EVENT_CHUNK = 250_000
+EVENT_CHUNK = 100_000
 RECORD_BATCH = 2_000
 PARALLEL_MIN_BYTES = 16 << 20  # smaller events files are validated in the calling process
 
@@ -375,20 +377,20 @@ class _Spool:
     to build, no random reads (an index over one table made reading back the largest cost at 100,000 patients).
     """
 
-    def __init__(self, path: Path, positions: dict[str, int], bucket: int) -> None:
+    def __init__(self, path: Path, bucket: int) -> None:
         import sqlite3
 
         self.db = sqlite3.connect(path, check_same_thread=False)  # read back in the store's sealing thread
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
-        self._pos, self.bucket = positions, bucket
+        self.bucket = bucket
         self.tables = {int(name[3:]) for (name,) in self.db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'ev_%'")}
         self.events = 0
 
-    def add(self, mrn, days, code, value, unit) -> None:
-        """Spool one validated chunk: each patient's events of the chunk as one row (count, JSON list items)."""
-        pos = np.fromiter((self._pos[m] for m in mrn), dtype=np.int64, count=len(mrn))
+    def add(self, pos, days, code, value, unit) -> None:
+        """Spool one validated chunk (patient positions, days, codes, values, units): each patient's events of
+        the chunk as one row (count, JSON list items)."""
         rows = event_json(days.tolist(), code.tolist(), list(value), list(unit))
         order = np.argsort(pos, kind="stable")  # file order kept within each patient
         pos = pos[order]
@@ -430,9 +432,8 @@ class StagedRecords:
 
         self._dir = tempfile.TemporaryDirectory(prefix="evoclone-ingest-")
         self._order = list(base)
-        self.positions = {m: i for i, m in enumerate(self._order)}
         self.bucket = RECORD_BATCH
-        self.spool = _Spool(self.spool_path(0), self.positions, self.bucket)
+        self.spool = _Spool(self.spool_path(0), self.bucket)
         self._spools = [self.spool]
         self._base = base
         self._site, self._pseudonymizer = site, pseudonymizer
@@ -446,7 +447,7 @@ class StagedRecords:
 
     def attach(self, path: Path, events: int) -> None:
         """Read a worker's spool file after the ones attached before it."""
-        spool = _Spool(path, self.positions, self.bucket)
+        spool = _Spool(path, self.bucket)
         spool.events = events
         self._spools.append(spool)
 
@@ -489,12 +490,30 @@ class StagedRecords:
         self.close()
 
 
-def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dict[str, date], seen: set[str],
-            out, *, first_line: int = 2) -> list[IngestIssue]:
+@dataclass(frozen=True)
+class PatientIndex:
+    """An extract's accepted patients, for the column-wise checks of its events: their identifiers in extract
+    order (an event's patient position), enrolment and birth dates; and every identifier of the patients file,
+    accepted or not (an event of a rejected patient is not also an event of an unknown one). Built once per
+    extract, not per chunk of events."""
+
+    ids: pd.Index
+    enrol: np.ndarray
+    birth: np.ndarray
+    seen: frozenset[str]
+
+    @classmethod
+    def of(cls, order: list[str], enrol_of: dict[str, date], birth_of: dict[str, date], seen: set[str]
+           ) -> "PatientIndex":
+        return cls(pd.Index(order), np.array([enrol_of[m] for m in order], dtype="datetime64[D]"),
+                   np.array([birth_of[m] for m in order], dtype="datetime64[D]"), frozenset(seen))
+
+
+def _events(ev: pd.DataFrame, src: str, patients: PatientIndex, out, *, first_line: int = 2) -> list[IngestIssue]:
     """Validate and convert (a chunk of) the long events table column-wise.
 
-    `out` is a dict of per-patient lists, or a callable taking the validated columns
-    (mrn, days, code, value, unit) for chunked, bounded-memory ingest.
+    `out` is a dict of per-patient lists (by identifier), or a callable taking the validated columns
+    (patient position in `patients`, days, code, value, unit) for chunked, bounded-memory ingest.
     """
     found: list[tuple[int, IngestIssue]] = []
 
@@ -504,9 +523,12 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
 
     lines = np.arange(len(ev)) + first_line  # line 1 is the header
     mrn = ev["mrn"].str.strip().to_numpy()
-    known = pd.Series(mrn).isin(enrol_of.keys()).to_numpy()
-    flag(~known & ~pd.Series(mrn).isin(seen).to_numpy(), "mrn", "event of a patient not in the patients file")
-    ev, lines, mrn = ev[known], lines[known], mrn[known]
+    index = patients.ids.get_indexer(mrn)
+    known = index >= 0
+    unknown = ~known
+    unknown[unknown] = [m not in patients.seen for m in mrn[unknown]]
+    flag(unknown, "mrn", "event of a patient not in the patients file")
+    ev, lines, mrn, index = ev[known], lines[known], mrn[known], index[known]
     raw_date = ev["date"].str.strip().to_numpy()
     day = pd.to_datetime(raw_date, format="%Y-%m-%d", errors="coerce").to_numpy().astype("datetime64[D]")
     for i in np.flatnonzero(np.isnat(day)):  # outside pandas' nanosecond range, or not a date
@@ -516,9 +538,7 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
             pass
     bad_date = np.isnat(day)
     flag(bad_date, "date", "not a date (YYYY-MM-DD)")
-    index = pd.Index(list(enrol_of)).get_indexer(mrn)
-    enrol = np.array(list(enrol_of.values()), dtype="datetime64[D]")[index]
-    birth = np.array([birth_of[m] for m in enrol_of], dtype="datetime64[D]")[index]
+    enrol, birth = patients.enrol[index], patients.birth[index]
     today = np.datetime64(date.today())
     future = ~bad_date & (day > today)
     before_birth = ~bad_date & ~future & (day < birth)
@@ -557,7 +577,7 @@ def _events(ev: pd.DataFrame, src: str, enrol_of: dict[str, date], birth_of: dic
     values = value[ok].astype(object)
     values[np.isnan(value[ok])] = None
     if callable(out):
-        out(mrn[ok], days, code[ok], values, unit[ok])
+        out(index[ok], days, code[ok], values, unit[ok])
     else:
         for m, t, c, v, u in zip(mrn[ok], days.tolist(), code[ok], values, unit[ok]):
             out[m].append({"time": t, "code": c, "value": v, "unit": u})  # validated in pydantic's core

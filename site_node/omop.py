@@ -18,7 +18,7 @@ import pandas as pd
 from evoclone.federated.record import PatientRecord
 from evoclone.privacy.pseudonym import Pseudonymizer, age_at
 
-from .ingest import IngestError, IngestIssue, _events
+from .ingest import IngestError, IngestIssue, PatientIndex, _events
 
 GENDER = {"8507": "M", "8532": "F"}
 LOINC = re.compile(r"^\d{1,7}-\d$")
@@ -116,8 +116,9 @@ def read_omop(paths: list[Path], *, site: str, pseudonymizer: Pseudonymizer) -> 
         birth_of[pid], index_of[pid] = birth, index
         base[pid] = {"age": float(age), "sex": GENDER.get(row["gender_concept_id"].strip())}
     events: dict[str, list[dict]] = {pid: [] for pid in base}
+    patients = PatientIndex.of(list(index_of), index_of, birth_of, seen)
     for name, f in frames:
-        issues += _events(f, f"{name}.csv", index_of, birth_of, seen, events)
+        issues += _events(f, f"{name}.csv", patients, events)
     if issues:
         raise IngestError(issues)
     return [PatientRecord(patient_id=pseudonymizer.pseudonym(pid), site=site, index_date=pseudonymizer.shift(index_of[pid], pid),
