@@ -7,14 +7,14 @@ patient's keyed offset. Error messages name the file, row and field, never the v
 
 from __future__ import annotations
 
-import gc
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,7 +113,8 @@ def load_mapping(path: Path | None) -> dict[str, dict[str, str]]:
 
 def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseudonymizer: Pseudonymizer,
                  mapping: dict[str, dict[str, str]] | None = None, allow_partial: bool = False,
-                 workers: int | None = None) -> tuple["StagedRecords", list[IngestIssue]]:
+                 workers: int | None = None, progress: Callable[[str, int, int], None] | None = None
+                 ) -> tuple["StagedRecords", list[IngestIssue]]:
     """Parse, validate and anonymize one extract.
 
     Returns the good records (a StagedRecords to iterate and close) and the issues of the
@@ -121,7 +122,8 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
     any issue raises IngestError instead (the batch is all or nothing). File-level
     problems (unreadable file, missing or unknown columns) always raise. A large events file
     is validated by `workers` processes (default: one per core), each taking a run of whole
-    lines; the records and issues are the same as with one.
+    lines; the records and issues are the same as with one. `progress(phase, done, total)` is
+    told the bytes of the events file validated so far.
     """
     mapping = mapping or {}
     issues: list[IngestIssue] = []
@@ -207,10 +209,14 @@ def read_extract(patients_csv: Path, events_csv: Path | None, *, site: str, pseu
             parts = _plan_parts(events_csv, workers)
             context = _Context(events_csv, rename, PatientIndex.of(list(base), enrol_of, birth_of, seen),
                                staged.bucket)
+            size = events_csv.stat().st_size
+            tick = None if progress is None else (lambda n: progress("validating events", n, size))
             if len(parts) == 1:
-                issues += _validate_part(context, parts[0], staged.spool)
+                issues += _validate_part(context, parts[0], staged.spool, tick)
             else:
-                issues += _validate_in_parallel(context, parts, staged)
+                issues += _validate_in_parallel(context, parts, staged, tick)
+            if tick is not None:
+                tick(size)
         if issues and not allow_partial:
             raise IngestError(issues)
     except BaseException:
@@ -287,6 +293,7 @@ class _LineRange(io.RawIOBase):
         self._head = self._f.readline() if part.start > 0 else b""
         self._f.seek(part.start)
         self._left = None if part.end is None else part.end - part.start
+        self.done = 0  # bytes of the part read so far
 
     def readable(self) -> bool:
         return True
@@ -298,6 +305,7 @@ class _LineRange(io.RawIOBase):
             return n
         want = len(buffer) if self._left is None else min(len(buffer), self._left)
         data = self._f.read(want)
+        self.done += len(data)
         if self._left is not None:
             self._left -= len(data)
         buffer[:len(data)] = data
@@ -308,8 +316,10 @@ class _LineRange(io.RawIOBase):
         super().close()
 
 
-def _validate_part(context: _Context, part: _Part, spool: "_Spool") -> list[IngestIssue]:
-    """Validate one part of the events file chunk by chunk (bounded memory) into `spool`; its issues."""
+def _validate_part(context: _Context, part: _Part, spool: "_Spool",
+                   tick: Callable[[int], None] | None = None) -> list[IngestIssue]:
+    """Validate one part of the events file chunk by chunk (bounded memory) into `spool`; its issues.
+    `tick(bytes)` is told how much of the part was read after each chunk."""
     issues: list[IngestIssue] = []
     first = part.first_line
     source = context.path.name
@@ -321,41 +331,48 @@ def _validate_part(context: _Context, part: _Part, spool: "_Spool") -> list[Inge
                 chunk = chunk.rename(columns=context.rename) if context.rename else chunk
                 issues += _events(chunk, source, context.patients, spool.add, first_line=first)
                 first += len(chunk)
+                if tick is not None:
+                    tick(raw.done)
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         issues.append(IngestIssue(source, f"near line {first}", "-", f"not a readable UTF-8 CSV ({type(exc).__name__})"))
     return issues
 
 
-_FORKED: _Context | None = None  # the context of the parallel validation, inherited by its forked workers
+_FORKED: tuple[_Context, Any] | None = None  # the parallel validation's context and byte counters, inherited by
+# its forked workers (not pickled to each)
 
 
-def _validate_to(part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
-    """(In a worker process) validate one part into a spool file of its own; its issues and events spooled."""
+def _validate_to(k: int, part: _Part, path: Path) -> tuple[list[IngestIssue], int]:
+    """(In worker process k) validate one part into a spool file of its own; its issues and events spooled."""
     assert _FORKED is not None
-    spool = _Spool(path, _FORKED.bucket)
+    context, done = _FORKED
+    spool = _Spool(path, context.bucket)
     try:
-        return _validate_part(_FORKED, part, spool), spool.events
+        return _validate_part(context, part, spool, tick=lambda n: done.__setitem__(k, n)), spool.events
     finally:
         spool.close()
 
 
-def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "StagedRecords") -> list[IngestIssue]:
+def _validate_in_parallel(context: _Context, parts: list[_Part], staged: "StagedRecords",
+                          tick: Callable[[int], None] | None = None) -> list[IngestIssue]:
     """Validate the parts in worker processes, one spool each, attached to `staged` in file order (so each
-    patient's events keep the extract's order); the issues in line order."""
+    patient's events keep the extract's order); the issues in line order. `tick(bytes)`: the bytes of the
+    file read so far, every 0.2 s."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     global _FORKED
+    fork = multiprocessing.get_context("fork")
     paths = [staged.spool_path(k) for k in range(1, len(parts) + 1)]
-    _FORKED = context  # the workers fork with it: the patients' index is not pickled to each
-    # frozen, the objects this process holds are not walked by the workers' garbage collector, which would
-    # write to (and so copy) every page of them in each worker
-    gc.freeze()
+    _FORKED = (context, fork.Array("q", len(parts), lock=False))
     try:
-        with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_validate_to, parts, paths))
+        with ProcessPoolExecutor(len(parts), mp_context=fork) as pool:
+            futures = [pool.submit(_validate_to, k, part, path) for k, (part, path) in enumerate(zip(parts, paths))]
+            while wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION).not_done:
+                if tick is not None:
+                    tick(sum(_FORKED[1]))
+            results = [f.result() for f in futures]
     finally:
-        gc.unfreeze()
         _FORKED = None
     issues: list[IngestIssue] = []
     for path, (found, events) in zip(paths, results):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 from evoclone.federated.snapshot import write_snapshot
@@ -44,16 +45,20 @@ def rotate_master_key(*, site_dir: Path) -> dict[str, object]:
 
 
 def ingest_extract(*, site_dir: Path, patients_csv: Path, events_csv: Path | None,
-                   mapping_file: Path | None = None, allow_partial: bool = False) -> dict[str, object]:
-    """Validate, anonymize and store one CSV extract atomically; returns counts and rejected rows."""
+                   mapping_file: Path | None = None, allow_partial: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, object]:
+    """Validate, anonymize and store one CSV extract atomically; returns counts and rejected rows.
+    `progress(phase, done, total)` is told how far each phase got (bytes of events validated, patients stored)."""
     from .ingest import load_mapping
 
     settings = get_settings(site_dir)
     records, issues = read_extract(patients_csv, events_csv, site=settings.name,
                                    pseudonymizer=Pseudonymizer(key=load_key(settings)),
-                                   mapping=load_mapping(mapping_file), allow_partial=allow_partial)
+                                   mapping=load_mapping(mapping_file), allow_partial=allow_partial,
+                                   progress=progress)
     with records:
-        counts = _store(settings, records.payloads(), quarantine=[(i.source, i.location, i.field, i.reason) for i in issues])
+        counts = _store(settings, records.payloads(), quarantine=[(i.source, i.location, i.field, i.reason) for i in issues],
+                        progress=None if progress is None else (lambda n: progress("storing patients", n, len(records))))
     return {**counts, "rejected": len(issues), "errors": [vars(i) for i in issues]}
 
 
@@ -74,7 +79,8 @@ def ingest_omop(*, site_dir: Path, paths: list[Path]) -> dict[str, object]:
     return _store(settings, read_omop(paths, site=settings.name, pseudonymizer=Pseudonymizer(key=load_key(settings))))
 
 
-def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
+def _store(settings: SiteSettings, records, quarantine=(), progress: Callable[[int], None] | None = None
+           ) -> dict[str, int]:
     import uuid
 
     from evoclone.federated.stores.eventlog import open_event_log
@@ -88,7 +94,11 @@ def _store(settings: SiteSettings, records, quarantine=()) -> dict[str, int]:
             r = RecordPayload.of(r)
             tally["records"] += 1
             tally["events"] += r.n_events
+            if progress is not None and tally["records"] % 1000 == 0:
+                progress(tally["records"])
             yield r
+        if progress is not None:
+            progress(tally["records"])
 
     try:
         quarantine = list(quarantine)

@@ -181,3 +181,26 @@ def test_a_file_with_quotes_is_validated_in_one_part(tmp_path):
     quoted.write_text(plain.read_text().replace("M999,2020-01-01,c,1,u", 'M999,2020-01-01,"c\nd",1,u'))
     assert len(_plan_parts(quoted, 3)) == 1
     assert len(_plan_parts(plain, None)) == 1  # small files: the calling process
+
+
+def test_ingest_reports_its_progress_per_phase(small_cohort, site_dir, tmp_path):
+    """Bytes of the events file validated (in one process or in workers), then patients stored: each phase's
+    figures only go up and end at its total (the CLI draws them as progress bars)."""
+    from evoclone.privacy.pseudonym import Pseudonymizer
+    from evoclone.site_node.ingest import read_extract
+
+    _, out = small_cohort
+    p, e = out / "site-1" / "patients.csv", out / "site-1" / "events.csv"
+    for workers in (1, 2):
+        seen: list[tuple[str, int, int]] = []
+        staged, _ = read_extract(p, e, site="s", pseudonymizer=Pseudonymizer(key=b"k" * 32), workers=workers,
+                                 progress=lambda *a: seen.append(a))
+        staged.close()
+        assert {phase for phase, _, _ in seen} == {"validating events"}
+        done = [d for _, d, _ in seen]
+        assert done == sorted(done) and done[-1] == e.stat().st_size and {t for _, _, t in seen} == {done[-1]}
+    seen = []
+    counts = ingest_extract(site_dir=site_dir, patients_csv=p, events_csv=e, progress=lambda *a: seen.append(a))
+    stored = [(d, t) for phase, d, t in seen if phase == "storing patients"]
+    assert stored[-1] == (counts["accepted"], counts["accepted"]) and counts["accepted"] > 0
+    assert [phase for phase, _, _ in seen].index("storing patients") > 0  # after the validation
