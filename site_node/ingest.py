@@ -236,7 +236,7 @@ class _Part:
 
 @dataclass(frozen=True)
 class _Context:
-    """What validating any part of the events file needs (sent to the worker processes)."""
+    """What validating any part of the events file needs (inherited by the forked worker processes)."""
 
     path: Path
     rename: dict[str, str]
