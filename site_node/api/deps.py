@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from functools import partial
 from typing import Annotated, TypeVar
 
 import sqlalchemy as sa
@@ -124,31 +123,61 @@ def _user_state(engine: sa.Engine, username: str) -> tuple[bool, str] | None:
         return None if user is None else (user.disabled, user.role)
 
 
-async def get_current_user(request: Request, engine: EngineDep, settings: SettingsDep, store: StoreDep, now: NowDep,
-                           creds: BearerDep) -> Principal:
-    """The caller of a live session's access token, or of a live API token; 401 otherwise.
+class _NeedsIO(Exception):
+    """The answer needs a database or Redis read: compute it off the event loop."""
 
-    The token's owner (API token) and the user's state (session token) come from the request memo; the session
-    itself is read from its store on every request, so a logout or a revocation holds at once."""
-    if creds is None or not creds.credentials:
-        raise unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
-    token = creds.credentials
+
+def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSettings, store: SessionBackend,
+                        now: datetime, token: str, *, io: bool = True) -> Principal:
+    """The caller of a live session's access token, or of a live API token; AuthenticationFailed otherwise.
+
+    Blocking (database, Redis) unless `io` is False: then it answers only from the request memo and an
+    in-process session store, and raises _NeedsIO where it would have to read more. The token's owner (API
+    token) and the user's state (session token) come from the request memo; the session itself is read from its
+    store on every request, so a logout or a revocation holds at once."""
+    memo: Memo | None = request.app.state.memo
+
+    def remember(key: Hashable, compute: Callable[[], T]) -> T:
+        stamp = memo.stamp() if memo is not None else None
+        value = memo.get(key, stamp) if memo is not None else Memo.MISS
+        if value is Memo.MISS:
+            if not io:
+                raise _NeedsIO
+            value = compute()
+            if memo is not None:
+                memo.put(key, value, stamp)
+        return value
+
     if is_api_token(token):
-        principal = await remembered(request, ("api token", api_token_hash(token)), lambda: _token_owner(engine, token))
+        principal = remember(("api token", api_token_hash(token)), lambda: _token_owner(engine, token))
     else:
         claims = decode_access_token(token, secret=request.app.state.jwt_secret, now=now)
-        read = partial(get_site_session, store=store, sid=claims.sid, now=now,
-                       idle_seconds=settings.session_idle_minutes * 60, max_seconds=settings.session_max_hours * 3600)
-        live = await run_in_threadpool(read) if store.blocking else read()  # Redis: off the event loop
+        if store.blocking and not io:
+            raise _NeedsIO
+        live = get_site_session(store=store, sid=claims.sid, now=now, idle_seconds=settings.session_idle_minutes * 60,
+                                max_seconds=settings.session_max_hours * 3600)
         if live is None or live.username != claims.subject:
             raise AuthenticationFailed("the session has ended (logout, revocation or expiry); log in again at "
                                        "/api/v1/auth/login")
-        state = await remembered(request, ("user", claims.subject), lambda: _user_state(engine, claims.subject))
+        state = remember(("user", claims.subject), lambda: _user_state(engine, claims.subject))
         if state is None or state[0] or state[1] != claims.role:
             raise AuthenticationFailed("the token's user no longer exists, is disabled or changed role; log in again")
         principal = Principal(claims.subject, claims.role, claims.sid)
     request.state.actor, request.state.role = principal.name, principal.role
     return principal
+
+
+async def get_current_user(request: Request, engine: EngineDep, settings: SettingsDep, store: StoreDep, now: NowDep,
+                           creds: BearerDep) -> Principal:
+    """The caller (authenticate_bearer): on the event loop when the request memo and the session store can
+    answer, in the thread pool when it needs the database or Redis; 401 otherwise."""
+    if creds is None or not creds.credentials:
+        raise unauthorized("missing bearer token; log in at POST /api/v1/auth/login")
+    args = (request, engine, settings, store, now, creds.credentials)
+    try:
+        return authenticate_bearer(*args, io=False)
+    except _NeedsIO:
+        return await run_in_threadpool(authenticate_bearer, *args)
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

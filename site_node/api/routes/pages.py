@@ -18,7 +18,6 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
@@ -30,7 +29,7 @@ from ...patients import get_record
 from ...review import decide, get_review, list_reviews, views
 from ...review_models import RejectReason, ReviewStatus
 from ...sessions import create_session, end_session
-from ..deps import NowDep, Principal, SessionDep, SettingsDep, StoreDep, get_current_user
+from ..deps import NowDep, Principal, SessionDep, SettingsDep, StoreDep, authenticate_bearer
 from ..twin_deps import ServicesDep
 from .reviews import regenerate
 
@@ -53,13 +52,12 @@ def _render(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLR
     return resp
 
 
-def _principal(request: Request, session, settings, store, now) -> Principal | None:
+def _principal(request: Request, settings, store, now) -> Principal | None:
     token = request.cookies.get(COOKIE)
     if not token:
         return None
     try:
-        user = get_current_user(request, session, settings, store, now,
-                                HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+        user = authenticate_bearer(request, request.app.state.engine, settings, store, now, token)
     except (SiteError, HTTPException):
         return None
     return user if user.role in CLINICAL else None
@@ -76,7 +74,7 @@ def queue_page(request: Request, session: SessionDep, settings: SettingsDep, sto
                done: Annotated[str | None, Query(max_length=200)] = None,
                expired: Annotated[int | None, Query()] = None) -> HTMLResponse:
     """The login form, or the pending queue of a logged-in clinician."""
-    user = _principal(request, session, settings, store, now)
+    user = _principal(request, settings, store, now)
     if user is None:
         return _render(request, "login.html", title="Log in",
                        message="Your session ended; log in again." if expired else None)
@@ -119,7 +117,7 @@ def login_page(request: Request, session: SessionDep, settings: SettingsDep, sto
 def logout_page(request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep, now: NowDep,
                 csrf: Annotated[str, Form(max_length=64)] = "") -> Response:
     """End the page's session."""
-    user = _principal(request, session, settings, store, now)
+    user = _principal(request, settings, store, now)
     if user is not None and hmac.compare_digest(csrf, _csrf(request, user.sid)):
         end_session(store=store, sid=user.sid, username=user.name)
     resp = RedirectResponse("/review", status_code=303)
@@ -165,7 +163,7 @@ def timeline_svg(history: list[tuple[float, str, float]], future: list[tuple[flo
 def twin_page(review_id: int, request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep,
               now: NowDep) -> Response:
     """A twin next to the patient's real history, with approve and reject forms."""
-    user = _principal(request, session, settings, store, now)
+    user = _principal(request, settings, store, now)
     if user is None:
         return _to_login("expired")
     try:
@@ -191,7 +189,7 @@ async def verdict_page(review_id: int, verdict: str, request: Request, session: 
                        csrf: Annotated[str, Form(max_length=64)], reason: Annotated[str | None, Form()] = None,
                        text: Annotated[str, Form(max_length=2000)] = "") -> Response:
     """Approve or reject (with a reason and regeneration) from the page; back to the queue with the outcome."""
-    user = _principal(request, session, settings, store, now)
+    user = _principal(request, settings, store, now)
     if user is None:
         return _to_login("expired")
     if verdict not in ("approve", "reject") or not hmac.compare_digest(csrf, _csrf(request, user.sid)):
