@@ -106,15 +106,15 @@ def test_empty_file_is_refused(site_dir, tmp_path):
 
 
 def test_chunked_ingest_matches_and_reports_lines_across_chunks(small_cohort, tmp_path, monkeypatch):
-    import evoclone.site_node.ingest as ingest_mod
+    import evoclone.site_node.staging as staging
     from evoclone.site_node.settings import init_site
 
     _, out = small_cohort
     whole = tmp_path / "whole"
     init_site(whole, name="s")
     ingest_extract(site_dir=whole, patients_csv=out / "site-1" / "patients.csv", events_csv=out / "site-1" / "events.csv")
-    monkeypatch.setattr(ingest_mod, "EVENT_CHUNK", 997)
-    monkeypatch.setattr(ingest_mod, "RECORD_BATCH", 7)
+    monkeypatch.setattr(staging, "EVENT_CHUNK", 997)
+    monkeypatch.setattr(staging, "RECORD_BATCH", 7)
     chunked = tmp_path / "chunked"
     chunked.mkdir()
     import shutil
@@ -167,7 +167,7 @@ def test_worker_processes_give_the_same_records_and_issues_as_one(small_cohort, 
 
 def test_a_file_with_quotes_is_validated_in_one_part(tmp_path):
     """A quoted field may hold a line break, so a byte offset is not always a row's start: one process reads it."""
-    from evoclone.site_node.ingest import _plan_parts
+    from evoclone.site_node.staging import _plan_parts
 
     plain = tmp_path / "plain.csv"
     plain.write_text("mrn,date,code,value,unit\n" + "".join(f"M{i},2020-01-01,c,1,u\n" for i in range(1000)))
