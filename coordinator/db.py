@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -17,7 +15,6 @@ from . import models  # noqa: F401  (registers every table on SQLModel.metadata)
 from .settings import CoordinatorSettings
 
 T = TypeVar("T")
-log = logging.getLogger("evoclone.coordinator")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -28,16 +25,10 @@ def make_engine(settings: CoordinatorSettings) -> sa.Engine:
     """An engine for the configured database (the services' shared SQLite/PostgreSQL setup), whose committed
     writes change the state directory's data version (federated/stores/data_version.py: what the API's response
     cache checks); every table but the audit trail counts (each request appends to it; no cached answer shows it)."""
-    from evoclone.federated.stores.data_version import DataVersion, track_writes
+    from evoclone.federated.stores.data_version import tracked_engine
 
-    engine = engine_for(settings.db_url)
-    if Path(settings.state_dir).is_dir():
-        try:
-            track_writes(engine, DataVersion(settings.state_dir), lambda table: table != "audit_event")
-        except OSError as exc:  # a user who may not write the state directory: writes wait out the cache's limit
-            log.warning("data version %s not writable (%s): other processes see this one's writes within "
-                        "response_cache_seconds", Path(settings.state_dir) / "data.version", exc.strerror)
-    return engine
+    return tracked_engine(engine_for(settings.db_url), settings.state_dir, lambda table: table != "audit_event",
+                          limit_setting="response_cache_seconds")
 
 
 def create_tables(engine: sa.Engine) -> None:

@@ -3,23 +3,18 @@
 Besides the shared SQLite/PostgreSQL setup (`federated.stores.engine.make_engine`), a committed write to the
 tables the API's request path reads on every request (users, API tokens, model versions) changes the site
 directory's data version (`federated/stores/data_version.py`), so each API process can keep what it read from
-them (`api/request_memo.py`) until any process of the site writes them again: a revoked token, a disabled user or
+them (`api/deps.py`) until any process of the site writes them again: a revoked token, a disabled user or
 a newly promoted model is seen by the next request in every worker.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import sqlalchemy as sa
 
-from evoclone.federated.stores.data_version import DataVersion, track_writes
+from evoclone.federated.stores.data_version import tracked_engine
 from evoclone.federated.stores.engine import make_engine
 
 from .settings import SiteSettings
-
-log = logging.getLogger("evoclone.site")
 
 WATCHED = frozenset({"site_user", "site_api_token", "local_model"})
 
@@ -30,12 +25,5 @@ def _watched(table: str | None) -> bool:
 
 def site_engine(settings: SiteSettings) -> sa.Engine:
     """An engine for the site's database whose writes to users, tokens and models change the data version."""
-    engine = make_engine(settings.db_url)
-    if Path(settings.site_dir).is_dir():
-        try:
-            track_writes(engine, DataVersion(settings.site_dir), _watched)
-        except OSError as exc:  # a user who may not write the site directory: its writes wait out the memo's limit
-            log.warning("data version %s not writable (%s): API processes see this one's writes to users, tokens "
-                        "and models within request_memo_seconds", Path(settings.site_dir) / "data.version",
-                        exc.strerror)
-    return engine
+    return tracked_engine(make_engine(settings.db_url), settings.site_dir, _watched,
+                          limit_setting="request_memo_seconds")

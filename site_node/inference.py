@@ -200,16 +200,17 @@ class InferenceUnavailable(StoreUnavailable):
     """An inference worker process died (killed, out of memory) while it held a request (503, retry)."""
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may use (containers, taskset), else the machine's."""
     try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
 def default_workers(api_workers: int = 1) -> int:
     """One worker per core but one (left to the API process), shared among the API's worker processes."""
-    return max(1, (_cores() - 1) // max(1, api_workers))
+    return max(1, (usable_cores() - 1) // max(1, api_workers))
 
 
 def _start_worker(nice: int, threads: int) -> None:
@@ -288,7 +289,7 @@ class InferencePool:
                 ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
                 if ctx.get_start_method() == "forkserver":
                     ctx.set_forkserver_preload(list(PRELOAD))
-                threads = max(1, (_cores() - 1) // self.workers)  # no worker oversubscribes the cores
+                threads = max(1, (usable_cores() - 1) // self.workers)  # no worker oversubscribes the cores
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_worker,
                                                      initargs=(self.nice, threads))
             return self._executor

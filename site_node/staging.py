@@ -9,7 +9,6 @@ order as records ready to seal. `ingest.read_extract` drives it.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 from evoclone.federated.record import Arm, Outcomes, PatientRecord, event_json, record_json
 from evoclone.privacy.pseudonym import Pseudonymizer
 
+from .inference import usable_cores
 from .ingest import IngestIssue, PatientIndex, _events
 from .store import RecordPayload
 
@@ -44,19 +44,12 @@ class _Context:
     bucket: int
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _plan_parts(path: Path, workers: int | None) -> list[_Part]:
     """Split the events file into up to `workers` runs of whole lines (the cores when None), one per worker
     process; a file under PARALLEL_MIN_BYTES, or holding a quote character anywhere (a quoted field may
     hold a line break, so a byte offset is not always the start of a row), is one part."""
     auto = workers is None
-    workers = _default_workers() if auto else workers
+    workers = usable_cores() if auto else workers
     size = path.stat().st_size
     if workers < 2 or (auto and size < PARALLEL_MIN_BYTES):
         return [_Part(0, None, 2)]

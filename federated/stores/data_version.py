@@ -4,7 +4,7 @@ A service keeps what it computed from its database (an API answer, a token's own
 stamp it read *before* computing it, and uses it again only while the stamp is unchanged, so a write committed by
 any of its processes (API workers, a dispatcher, a CLI command) is seen by the next read in every process. The
 coordinator's response cache (`coordinator/api/response_cache.py`) and the site API's request-path memo
-(`site_node/api/request_memo.py`) rest on it.
+(`site_node/api/deps.py`) rest on it.
 
 The stamp is 8 random bytes in a file of the service's state directory, rewritten after each committed transaction
 that wrote a table the service watches (the coordinator: every table but its audit trail; the site: users, API
@@ -15,6 +15,7 @@ database by hand) is seen once the user's own time limit passes.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -26,6 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
+
+log = logging.getLogger("evoclone.stores")
 
 FILE = "data.version"
 _WROTE = "evoclone_tables_written"
@@ -57,6 +60,20 @@ def track_writes(engine: sa.Engine, version: DataVersion, watched: Callable[[str
     `watched(table name)` holds (the version's file is closed when the engine goes)."""
     _VERSIONS[engine] = (version, watched)
     weakref.finalize(engine, version.close)
+
+
+def tracked_engine(engine: sa.Engine, state_dir: Path, watched: Callable[[str | None], bool], *,
+                   limit_setting: str) -> sa.Engine:
+    """`engine`, its writes tracked (`track_writes`) in `state_dir`'s data version when that directory exists;
+    where this process may not write it, a warning says that other processes see its writes only once their
+    `limit_setting` has passed."""
+    if Path(state_dir).is_dir():
+        try:
+            track_writes(engine, DataVersion(state_dir), watched)
+        except OSError as exc:
+            log.warning("data version %s not writable (%s): other processes see this one's writes within %s",
+                        Path(state_dir) / FILE, exc.strerror, limit_setting)
+    return engine
 
 
 def version_of(engine: sa.Engine) -> DataVersion | None:

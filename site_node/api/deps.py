@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from fastapi import Depends, Header, HTTPException, Path, Query, Request
@@ -95,19 +95,30 @@ class Principal:
         return self.sid is None
 
 
+class _NeedsIO(Exception):
+    """The answer needs a database or Redis read: compute it off the event loop."""
+
+
+def _needs_io() -> NoReturn:
+    raise _NeedsIO
+
+
+def _remember(memo: Memo | None, key: Hashable, compute: Callable[[], T], *, io: bool) -> T:
+    """What `memo` keeps for `key`, else `compute()` (kept); with `io` False, _NeedsIO instead of computing."""
+    if memo is None:
+        return compute() if io else _needs_io()
+    return memo.value(key, compute if io else _needs_io)
+
+
 async def remembered(request: Request, key: Hashable, compute: Callable[[], T]) -> T:
     """`compute()` (blocking: run off the event loop), or what this process kept for `key`: a value read from the
     users, API tokens or model versions, kept while no process of the site has written those tables since and for
     at most `request_memo_seconds` (site_node/db.py); an exception is raised, never kept."""
     memo: Memo | None = request.app.state.memo
-    if memo is None:
-        return await run_in_threadpool(compute)
-    stamp = memo.stamp()  # before reading: a write from now on leaves a stamp the value does not carry
-    value = memo.get(key, stamp)
-    if value is Memo.MISS:
-        value = await run_in_threadpool(compute)
-        memo.put(key, value, stamp)
-    return value
+    try:
+        return _remember(memo, key, compute, io=False)
+    except _NeedsIO:
+        return await run_in_threadpool(_remember, memo, key, compute, io=True)
 
 
 def _token_owner(engine: sa.Engine, token: str) -> Principal:
@@ -123,8 +134,6 @@ def _user_state(engine: sa.Engine, username: str) -> tuple[bool, str] | None:
         return None if user is None else (user.disabled, user.role)
 
 
-class _NeedsIO(Exception):
-    """The answer needs a database or Redis read: compute it off the event loop."""
 
 
 def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSettings, store: SessionBackend,
@@ -138,15 +147,7 @@ def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSetti
     memo: Memo | None = request.app.state.memo
 
     def remember(key: Hashable, compute: Callable[[], T]) -> T:
-        stamp = memo.stamp() if memo is not None else None
-        value = memo.get(key, stamp) if memo is not None else Memo.MISS
-        if value is Memo.MISS:
-            if not io:
-                raise _NeedsIO
-            value = compute()
-            if memo is not None:
-                memo.put(key, value, stamp)
-        return value
+        return _remember(memo, key, compute, io=io)
 
     if is_api_token(token):
         principal = remember(("api token", api_token_hash(token)), lambda: _token_owner(engine, token))
