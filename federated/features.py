@@ -42,25 +42,34 @@ class FeatureSpec:
     max_visits: int = 16
     history_days: float = 730.0
     version: str = "1"
+    # each lab's trend over the history window as a static column (see `lab_trend`); a spec written before
+    # trends existed has none, so models trained on it keep their input width
+    lab_trends: bool = True
 
     @property
     def static_dim(self) -> int:
-        """Width of the static vector: covariates, arm, baseline labs and their missingness."""
+        """Width of the static vector: covariates, arm, baseline labs, their missingness and trends."""
         return (len(self.numeric) + len(self.binary) + sum(len(c) for _, c in self.categorical)
-                + 1 + 2 * len(self.labs))
+                + 1 + (3 if self.lab_trends else 2) * len(self.labs))
 
     @property
     def visit_dim(self) -> int:
         """Width of one visit: time, gap, then value and presence per lab."""
         return 2 + 2 * len(self.labs)
 
+    def _doc(self) -> dict:
+        doc = asdict(self)
+        if not self.lab_trends:  # a spec without trends reads, and fingerprints, as it did before they existed
+            del doc["lab_trends"]
+        return doc
+
     def fingerprint(self) -> str:
         """sha256 of the spec: stored in snapshots and manifests to catch mismatches."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self._doc(), sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:
         """The spec as a JSON-able dict (lists for tuples); `from_dict` inverts it exactly."""
-        return json.loads(json.dumps(asdict(self)))
+        return json.loads(json.dumps(self._doc()))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -86,17 +95,20 @@ class FeatureSpec:
             kw["history_days"] = float(d["history_days"])
         if "version" in d:
             kw["version"] = str(d["version"])
+        kw["lab_trends"] = bool(d.get("lab_trends", False))  # absent: written before trends existed
         return cls(**kw)
 
     def feature_names(self) -> tuple[list[str], list[str]]:
         """Names of the static columns and of the visit columns, in encoding order (for explanations).
 
-        One-hot levels share their covariate's name; a lab's value and presence columns share its name.
+        One-hot levels share their covariate's name; a lab's value, presence and trend columns share its name.
         """
         static = [n for n, *_ in self.numeric] + list(self.binary)
         static += [n for n, levels in self.categorical for _ in levels]
         static.append("arm")
         static += [lab[1] for lab in self.labs for _ in range(2)]
+        if self.lab_trends:
+            static += [lab[1] for lab in self.labs]
         visit = ["time", "gap"] + [lab[1] for lab in self.labs for _ in range(2)]
         return static, visit
 
@@ -112,6 +124,23 @@ def _lab_z(spec_lab: tuple[str, str, float, float, bool], value: float) -> float
     _, _, center, scale, log = spec_lab
     v = math.log(max(value, 1e-3)) if log else value
     return float(np.clip((v - center) / scale, -6, 6))
+
+
+TREND_MIN_SPAN_DAYS = 90.0
+
+
+def lab_trend(times: list[float], values: list[float], history_days: float) -> float:
+    """A lab's least-squares slope over the history window, as the change across the whole window in the
+    lab's scaled units (z per window), clipped to +-6; 0 (no trend) with fewer than two values or when they
+    span under TREND_MIN_SPAN_DAYS. Trajectories carry prognosis that the last value misses (eGFR decline,
+    rising CRP), and one number per lab is cheap for a model trained under DP noise."""
+    if len(times) < 2 or max(times) - min(times) < TREND_MIN_SPAN_DAYS:
+        return 0.0
+    t = np.asarray(times, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    dt = t - t.mean()
+    slope_per_day = float((dt * (v - v.mean())).sum() / (dt * dt).sum())
+    return float(np.clip(slope_per_day * history_days, -6, 6))
 
 
 def _number(v: float | str | None) -> float | None:
@@ -161,6 +190,13 @@ def encode(record: PatientRecord, spec: FeatureSpec) -> tuple[np.ndarray, np.nda
             last[j] = v
     for j, lab in enumerate(spec.labs):
         static += [0.0, 0.0] if last[j] is None else [_lab_z(lab, last[j]), 1.0]
+    if spec.lab_trends:  # from every value in the window, not only the max_visits kept as visits
+        series: list[tuple[list[float], list[float]]] = [([], []) for _ in spec.labs]
+        for t in sorted(by_time):
+            for j, v in by_time[t].items():
+                series[j][0].append(t)
+                series[j][1].append(_lab_z(spec.labs[j], v))
+        static += [lab_trend(ts, vs, spec.history_days) for ts, vs in series]
     return np.asarray(static, dtype=np.float32), visits, max(len(times), 1)
 
 

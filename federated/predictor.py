@@ -66,6 +66,8 @@ def feature_groups(spec: FeatureSpec) -> FeatureGroups:
     static.append(group("arm"))
     for lab in spec.labs:
         static += [group(lab[1])] * 2  # baseline value, presence
+    if spec.lab_trends:
+        static += [group(lab[1]) for lab in spec.labs]  # trend over the history window
     visit = [group("visit_timing")] * 2  # time, gap
     for lab in spec.labs:
         visit += [group(lab[1])] * 2

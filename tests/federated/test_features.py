@@ -5,11 +5,13 @@ import random
 import numpy as np
 import pytest
 
-from evoclone.federated.features import FeatureSpec, encode, encode_cohort
+from evoclone.federated.features import FeatureSpec, encode, encode_cohort, lab_trend
 from evoclone.federated.record import Arm, Event, Outcomes, PatientRecord
 
-# snapshots and manifests already written carry this: the fixed spec must never drift
-DEFAULT_FINGERPRINT = "c10766c4bdb4e402889727dd85bac20b2dc83a68b2519ed87ad0bea7cadcdb5f"
+# snapshots and manifests already written carry these: the fixed spec must never drift
+DEFAULT_FINGERPRINT = "f04dd3a6047fb6b92c7595c22d6782fbff8ed1077b17035099e29fd6bb29dc0b"
+# the default spec as written before lab trends existed: it must still read, encode and fingerprint as then
+PRE_TRENDS_FINGERPRINT = "c10766c4bdb4e402889727dd85bac20b2dc83a68b2519ed87ad0bea7cadcdb5f"
 
 
 def _cohort(n=200, seed=0, rare_level=True):
@@ -34,6 +36,38 @@ def test_default_spec_is_unchanged():
     spec = FeatureSpec()
     assert spec.fingerprint() == DEFAULT_FINGERPRINT
     assert FeatureSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_spec_written_before_lab_trends_keeps_its_layout():
+    old_doc = FeatureSpec().to_dict()
+    del old_doc["lab_trends"]  # what manifests and snapshots written before trends carry
+    old = FeatureSpec.from_dict(old_doc)
+    assert not old.lab_trends and old.fingerprint() == PRE_TRENDS_FINGERPRINT and old.to_dict() == old_doc
+    assert old.static_dim == FeatureSpec().static_dim - len(old.labs)
+    static, _, _ = encode(_trend_record([(-300.0, 100.0), (0.0, 130.0)]), old)
+    assert len(static) == old.static_dim
+
+
+def _trend_record(ldl: list[tuple[float, float]]) -> PatientRecord:
+    return PatientRecord(patient_id="row-00000009", site="s", arm=Arm.CONTROL, baseline={},
+                         events=tuple(Event(time=t, code="13457-7", value=v) for t, v in ldl))
+
+
+def test_lab_trend_is_the_least_squares_change_across_the_window():
+    spec = FeatureSpec()  # ldl: scale 30 mg/dL, window 730 days
+    names = spec.feature_names()[0]
+    trend = len(names) - len(spec.labs)  # the trends close the static vector, ldl's first
+    # +30 mg/dL a year on the lab's scale (30): 1 z a year, 2 z across the two-year window
+    rising = _trend_record([(-365.0, 100.0), (-200.0, 100.0 + 30 * 165 / 365), (0.0, 130.0)])
+    assert encode(rising, spec)[0][trend] == pytest.approx(2.0, abs=1e-5)
+    assert names[trend] == "ldl" and len(names) == spec.static_dim
+    t = np.array([-700.0, -400.0, -90.0, 0.0])
+    v = 3 - 0.004 * t + np.array([0.1, -0.2, 0.15, -0.05])
+    assert lab_trend(list(t), list(v), 730.0) == pytest.approx(np.polyfit(t, v, 1)[0] * 730.0)
+    # one value, values within TREND_MIN_SPAN_DAYS, and values outside the window or after the index: no trend
+    for events in ([(0.0, 130.0)], [(-60.0, 100.0), (0.0, 190.0)], [(-900.0, 40.0), (0.0, 130.0), (30.0, 300.0)]):
+        assert encode(_trend_record(events), spec)[0][trend] == 0.0
+    assert lab_trend([-700.0, 0.0], [-100.0, 100.0], 730.0) == 6.0  # clipped like every scaled value
 
 
 def test_fit_derives_types_levels_and_labs():
@@ -101,7 +135,8 @@ def test_feature_names_match_columns():
         static, visit = spec.feature_names()
         assert len(static) == spec.static_dim and len(visit) == spec.visit_dim
     static, visit = FeatureSpec.fit(_cohort()).feature_names()
-    assert static == ["age", "const", "flag", "site_kind", "site_kind", "arm", "CRP", "CRP", "LAB1", "LAB1"]
+    assert static == ["age", "const", "flag", "site_kind", "site_kind", "arm", "CRP", "CRP", "LAB1", "LAB1", "CRP",
+                      "LAB1"]
     assert visit == ["time", "gap", "CRP", "CRP", "LAB1", "LAB1"]
     assert FeatureSpec().feature_names()[1][2:4] == ["ldl", "ldl"]
 
@@ -113,7 +148,7 @@ def test_encode_treats_missing_numbers_as_centred():
                           baseline={"age": missing, "flag": missing, "site_kind": missing, "const": 5.0})
         static, visits, n = encode(r, spec)
         assert not np.isnan(static).any() and n == 1
-        assert static.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+        assert static.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     rare = PatientRecord(patient_id="row-00000001", site="s", baseline={"site_kind": "rare", "age": 1e9})
     static, _, _ = encode(rare, spec)
     assert static[3:5].tolist() == [0.0, 0.0] and static[0] == 6.0  # rare level: no indicator; clipped

@@ -17,7 +17,7 @@ from evoclone.federated.trainer import DPSettings, TrainConfig, TrainResult
 from evoclone.federated.training import build_model, train
 from evoclone.privacy.accounting import epsilon_of
 
-SPEC = FeatureSpec()
+SPEC = FeatureSpec(lab_trends=False)  # only sets the synthetic arrays' widths (their draws are seeded)
 TCFG = TrainConfig(epochs=5, batch_size=32, lr=1e-2)
 
 

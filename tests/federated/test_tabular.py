@@ -105,7 +105,7 @@ def test_simulator_tables_with_events():
     assert {lab[0]: lab[4] for lab in spec.labs}["13457-7"] is False
     assert spec.binary == ("diabetes", "hypertension", "ckd", "prior_mi")
     arrays = encode_cohort(data.records, spec)
-    assert arrays["static"].shape == (len(p), 2 + 4 + 2 + 3 + 1 + 2 * 5)
+    assert arrays["static"].shape == (len(p), 2 + 4 + 2 + 3 + 1 + 3 * 5)  # a lab: last value, presence, trend
     assert arrays["visits"].shape == (len(p), 16, 2 + 2 * 5)
     assert arrays["lengths"].min() >= 1 and arrays["lengths"].mean() > 5
     assert not np.isnan(arrays["visits"]).any() and not np.isnan(arrays["static"]).any()
