@@ -134,8 +134,6 @@ def _user_state(engine: sa.Engine, username: str) -> tuple[bool, str] | None:
         return None if user is None else (user.disabled, user.role)
 
 
-
-
 def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSettings, store: SessionBackend,
                         now: datetime, token: str, *, io: bool = True) -> Principal:
     """The caller of a live session's access token, or of a live API token; AuthenticationFailed otherwise.
