@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,25 +23,6 @@ def _settings(site_dir: Path):
         return get_settings(site_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc).splitlines()[0], 2) from None
-
-
-@contextmanager
-def _ingest_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A progress bar per ingest phase on stderr: `update(phase, done, total)`."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    from .main import err
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
-        tasks: dict[str, int] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(phase, total=total)
-            progress.update(tasks[phase], completed=done, total=total)
-
-        yield update
 
 
 @site_app.command()
@@ -105,6 +84,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
     from evoclone.site_node.pipeline import ingest_extract, ingest_fhir, ingest_omop
 
     from .main import err, fail
+    from .progress import StageBars
 
     _settings(site_dir)
     missing = [str(p) for p in paths if not p.exists()]
@@ -127,7 +107,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="extract files or a 
             counts = ingest_omop(site_dir=site_dir, paths=files)
         else:
             patients_csv, events_csv = _csv_pair(files)
-            with _ingest_progress() as progress:
+            with StageBars(percent=True) as progress:  # events are counted in bytes
                 counts = ingest_extract(site_dir=site_dir, patients_csv=patients_csv, events_csv=events_csv,
                                         mapping_file=mapping, allow_partial=allow_partial, progress=progress)
     except IngestError as exc:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .progress import StageBars
 
 trial_app = typer.Typer(no_args_is_help=True, help="In-silico trials: every patient's twins under each arm.")
 analyze_app = typer.Typer(no_args_is_help=True,
@@ -22,29 +23,6 @@ Alpha = Annotated[float, typer.Option(help="two-sided significance level (interv
 
 def _split(value: str | None) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()] if value else []
-
-
-class _Bars:
-    """One rich progress bar per named stage, on stderr."""
-
-    def __init__(self) -> None:
-        from .main import err
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def __enter__(self) -> "_Bars":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
 
 
 def _run(fn, *args, **kwargs):
@@ -97,7 +75,7 @@ def simulate(
 
     opts = SimulateOptions(model_dir=model, cohort=cohort, events=events, twins=twins, arms=_split(arms) or None,
                            subgroups=_split(subgroups), source=source, bootstrap=bootstrap, alpha=alpha, seed=seed)
-    with _Bars() as bars:
+    with StageBars() as bars:
         doc, data = _run(run_simulate, opts, on_progress=bars)
     if report is not None:
         from .trial_report import simulate_report
@@ -162,7 +140,7 @@ def procova(
                           covariates=_split(covariates) or None, site_column=site_column, epsilon=epsilon,
                           delta=delta, alpha=alpha, rounds=rounds, engine=engine, model_out=model_out, seed=seed,
                           epochs=epochs, members=members)
-    with _Bars() as bars:
+    with StageBars() as bars:
         doc, data = _run(run_procova, opts, on_progress=bars)
     if report is not None:
         from .procova_report import procova_report

@@ -176,26 +176,30 @@ def encode(record: PatientRecord, spec: FeatureSpec) -> tuple[np.ndarray, np.nda
     for e in record.history(until=0.0):
         if e.code in codes and e.value is not None and e.time >= -spec.history_days:
             by_time.setdefault(e.time, {})[codes[e.code]] = e.value
-    times = sorted(by_time)[-spec.max_visits:]
-    last = [None] * len(spec.labs)
+    ordered = sorted(by_time)
+    times = ordered[-spec.max_visits:]
+    skipped = len(ordered) - len(times)  # older visit days: they count towards the trends only
+    last: list[float | None] = [None] * len(spec.labs)  # z of each lab's last value among the kept visits
+    series: list[tuple[list[float], list[float]]] = [([], []) for _ in spec.labs]  # (days, z) per lab
     visits = np.zeros((spec.max_visits, spec.visit_dim), dtype=np.float32)
     prev = times[0] if times else 0.0
-    for row, t in enumerate(times):
-        visits[row, 0] = t / 365.0
-        visits[row, 1] = (t - prev) / 365.0
-        prev = t
+    for i, t in enumerate(ordered):
+        row = i - skipped
+        if row >= 0:
+            visits[row, 0] = t / 365.0
+            visits[row, 1] = (t - prev) / 365.0
+            prev = t
         for j, v in by_time[t].items():
-            visits[row, 2 + 2 * j] = _lab_z(spec.labs[j], v)
-            visits[row, 3 + 2 * j] = 1.0
-            last[j] = v
-    for j, lab in enumerate(spec.labs):
-        static += [0.0, 0.0] if last[j] is None else [_lab_z(lab, last[j]), 1.0]
+            z = _lab_z(spec.labs[j], v)
+            series[j][0].append(t)
+            series[j][1].append(z)
+            if row >= 0:
+                visits[row, 2 + 2 * j] = z
+                visits[row, 3 + 2 * j] = 1.0
+                last[j] = z
+    for z in last:
+        static += [0.0, 0.0] if z is None else [z, 1.0]
     if spec.lab_trends:  # from every value in the window, not only the max_visits kept as visits
-        series: list[tuple[list[float], list[float]]] = [([], []) for _ in spec.labs]
-        for t in sorted(by_time):
-            for j, v in by_time[t].items():
-                series[j][0].append(t)
-                series[j][1].append(_lab_z(spec.labs[j], v))
         static += [lab_trend(ts, vs, spec.history_days) for ts, vs in series]
     return np.asarray(static, dtype=np.float32), visits, max(len(times), 1)
 

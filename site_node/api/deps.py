@@ -143,12 +143,8 @@ def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSetti
     token) and the user's state (session token) come from the request memo; the session itself is read from its
     store on every request, so a logout or a revocation holds at once."""
     memo: Memo | None = request.app.state.memo
-
-    def remember(key: Hashable, compute: Callable[[], T]) -> T:
-        return _remember(memo, key, compute, io=io)
-
     if is_api_token(token):
-        principal = remember(("api token", api_token_hash(token)), lambda: _token_owner(engine, token))
+        principal = _remember(memo, ("api token", api_token_hash(token)), lambda: _token_owner(engine, token), io=io)
     else:
         claims = decode_access_token(token, secret=request.app.state.jwt_secret, now=now)
         if store.blocking and not io:
@@ -158,7 +154,7 @@ def authenticate_bearer(request: Request, engine: sa.Engine, settings: SiteSetti
         if live is None or live.username != claims.subject:
             raise AuthenticationFailed("the session has ended (logout, revocation or expiry); log in again at "
                                        "/api/v1/auth/login")
-        state = remember(("user", claims.subject), lambda: _user_state(engine, claims.subject))
+        state = _remember(memo, ("user", claims.subject), lambda: _user_state(engine, claims.subject), io=io)
         if state is None or state[0] or state[1] != claims.role:
             raise AuthenticationFailed("the token's user no longer exists, is disabled or changed role; log in again")
         principal = Principal(claims.subject, claims.role, claims.sid)
