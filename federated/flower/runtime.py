@@ -8,6 +8,7 @@ signals every process group ever seen among the descendants, then reaps them.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,11 +38,42 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+_LOWEST_PICKED_PORT = 10000  # below it lie the well-known services (PostgreSQL, Redis, Flower's defaults...)
+_pick = random.SystemRandom()  # not the `random` module's state: a seeded caller would pick the same ports
+
+
+def _ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:
+    """The ports the kernel hands out to outgoing connections and to bind(port 0)."""
+    try:
+        low, high = (int(v) for v in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def free_port(host: str = "127.0.0.1", *, block: int = 1) -> int:
+    """A port that is free now and that no outgoing connection will take before a server binds it.
+
+    A port the kernel assigns (bind to port 0) lies in its ephemeral range, from
+    which every outgoing connection on the host also takes its local port: between
+    this call and the server's bind, a client connection (a database, a gRPC
+    channel) can take it, and the server then fails to start. Ports are therefore
+    drawn at random from outside that range and checked bindable. With `block`,
+    the returned port and the `block - 1` after it are all free.
+    """
+    ephemeral = _ephemeral_ports()
+    starts = [p for r in (range(_LOWEST_PICKED_PORT, ephemeral.start - block + 1), range(ephemeral.stop, 65537 - block))
+              for p in r]
+    for _ in range(200 if starts else 0):
+        base = _pick.choice(starts)
+        if all(port_is_free(p, host) for p in range(base, base + block)):
+            return base
+    if not starts and block == 1:  # the ephemeral range covers every port here: take the kernel's pick
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    raise PortInUseError(f"found no {block} free consecutive port(s) on {host} outside the kernel's ephemeral "
+                         f"range {ephemeral.start}-{ephemeral.stop - 1}; stop some servers or widen that range")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 
 from evoclone.federated.artifacts import sha256_file
+from evoclone.federated.flower.runtime import free_port, port_is_free
 
 pytestmark = pytest.mark.slow
 
@@ -30,31 +30,10 @@ def _processes_mentioning(text: str) -> list[str]:
     return out
 
 
-def _free_port_block(n: int) -> int:
-    """A base port such that base..base+n-1 are free now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_bindable(p) for p in range(base, base + n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _assert_all_stopped(out: Path, ports: list[int]) -> None:
     leftovers = _processes_mentioning(str(out)) + [p for port in ports for p in _processes_mentioning(f":{port}")]
     assert leftovers == []
-    assert all(_bindable(p) for p in ports), "a port is still bound"
+    assert all(port_is_free(p) for p in ports), "a port is still bound"
 
 
 def test_small_demo_end_to_end(tmp_path):
@@ -62,7 +41,7 @@ def test_small_demo_end_to_end(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
-    base = _free_port_block(3)
+    base = free_port(block=3)
     # a relative --out, as `make demo` passes it: Flower processes run in other directories
     cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "1",
            "--patients", "120", "--epsilon", "2.0", "--out", "demo", "--port", str(base), "--json"]
@@ -119,7 +98,7 @@ def test_small_demo_end_to_end(tmp_path):
 
 def test_ctrl_c_stops_every_flower_process(tmp_path):
     out = tmp_path / "demo"
-    base = _free_port_block(3)
+    base = free_port(block=3)
     cmd = [str(Path(sys.executable).parent / "evoclone"), "demo", "--sites", "2", "--rounds", "3",
            "--patients", "120", "--out", str(out), "--port", str(base)]
     # a shell runs background jobs with SIGINT ignored and children inherit that; give the demo

@@ -4,7 +4,6 @@ twin beside the real history, one approval and one rejection with a reason, chec
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 
@@ -12,18 +11,14 @@ import pyotp
 import pytest
 from sqlmodel import Session, select
 
+from evoclone.federated.flower.runtime import free_port
+
 from .conftest import MRN, NAME, PASSWORD, PHONE
 from .twin_model import coordinator_key, model_dir, public_pem, signed_bundle  # noqa: F401 (fixtures)
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(DRIVER)),
                                 reason="Debian chromium and chromium-driver are not installed (.ci/run installs them)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,7 +31,7 @@ def served(settings, patient, model_dir, coordinator_key):
     from evoclone.site_node.sessions import MemoryBackend
 
     app = create_app(settings, sessions=MemoryBackend())
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
