@@ -91,9 +91,17 @@ def round_wall(args) -> dict:
                      epsilon=args.epsilon, args=args, covariates=COVARIATES_SIM)
     rows = []
     for r in summary["models"]["fusion"]["rounds"]:
-        slowest = max(p.get("train_seconds", 0.0) for p in r["participation"] if p["status"] == "ok")
+        ok = [p for p in r["participation"] if p["status"] == "ok"]
+        slowest = max(p.get("train_seconds", 0.0) for p in ok)
+        # where the rest goes, for the site that replied last by its own clock: delivery to its handler, the
+        # handler's work outside training (validation, ledger), and its reply's way back to the aggregate
+        last = max(ok, key=lambda p: p.get("start_latency_seconds", 0.0) + p.get("handler_seconds", 0.0))
+        start, handler = last.get("start_latency_seconds", 0.0), last.get("handler_seconds", 0.0)
         rows.append({"round": r["round"], "wall_s": round(r["wall_seconds"], 2), "slowest_local_train_s": round(slowest, 2),
-                     "ratio": round(r["wall_seconds"] / slowest, 3)})
+                     "ratio": round(r["wall_seconds"] / slowest, 3),
+                     "last_site": {"start_latency_s": round(start, 2), "handler_outside_training_s":
+                                   round(handler - last.get("train_seconds", 0.0), 2),
+                                   "return_s": round(r["wall_seconds"] - start - handler, 2)}})
     prepare = summary["models"]["fusion"].get("prepare") or {}
     return {"what": "round-wall", "sites": 3, "patients": args.patients, "rounds": rows,
             "prepare_wall_s": prepare.get("wall_seconds"),  # the sites encoding their records, before round 1

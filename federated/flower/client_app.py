@@ -215,6 +215,8 @@ def train(msg: Message, context: Context) -> Message:
         # how long the message took from the coordinator to this code (delivery + process start)
         result.metrics["start-latency-seconds"] = max(0.0, started - msg.metadata.created_at)
         result.metrics["warm-start"] = int(os.environ.get("EVOCLONE_ZYGOTE_CHILD") == "1")
+        # the handler's own time (validation, training, the ledger's transaction), to split the round's wall time
+        result.metrics["handler-seconds"] = time.time() - started
         return _reply(msg, node, result.state, result.metrics, result.ledger)
     finally:
         store.close()

@@ -231,6 +231,7 @@ def site_entry(study: Study, name: str, status: str, m, *, reason=None, budget=N
     if status == STATUS_OK:
         entry.update(train_loss=float(m["train_loss"]), train_seconds=float(m.get("train-seconds", 0.0)),
                      start_latency_seconds=float(m.get("start-latency-seconds", 0.0)),
+                     handler_seconds=float(m.get("handler-seconds", 0.0)),
                      warm_start=bool(m.get("warm-start", 0)), val_examples=int(m["val-examples"]),
                      val_loss=float(m["val-loss"]), val_metric=float(m["val-metric"]),
                      val_metric_weight=int(m["val-metric-weight"]))
