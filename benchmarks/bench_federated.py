@@ -166,24 +166,16 @@ def _local_dp(cfg, site: dict, test: dict, args) -> float:
     (Opacus RDP accountant), batch, clipping, learning rate and local epochs, `--rounds` times, the optimizer
     restarted each time as in a round; the best of those by the site's own validation loss, as the federated run
     keeps its best round by the federated validation loss."""
-    from dataclasses import replace
-
     from evoclone.federated.metrics import c_index
     from evoclone.federated.trainer import TrainConfig, budgeted_dp
-    from evoclone.federated.training import build_model, mean_loss, predict_risk, subset, train
+    from evoclone.federated.training import build_model, predict_risk, subset, train_with_validation
 
-    train_arrays, val_arrays = subset(site, "train"), subset(site, "val")
-    chunk = TrainConfig(epochs=args.local_epochs, batch_size=args.batch, lr=args.lr, seed=args.seed)
-    dp = budgeted_dp(len(train_arrays["static"]), chunk, target_epsilon=args.epsilon * (1 - args.arm_shift_share),
-                     delta=1e-5, max_grad_norm=args.max_grad_norm, runs=args.rounds)
+    train_arrays = subset(site, "train")
+    schedule = TrainConfig(epochs=args.rounds * args.local_epochs, batch_size=args.batch, lr=args.lr, seed=args.seed)
+    dp = budgeted_dp(len(train_arrays["static"]), schedule, target_epsilon=args.epsilon * (1 - args.arm_shift_share),
+                     delta=1e-5, max_grad_norm=args.max_grad_norm)
     model = build_model(cfg, seed=args.seed)
-    best, best_state = float("inf"), None
-    for r in range(1, args.rounds + 1):
-        train(model, train_arrays, replace(chunk, seed=args.seed + r), dp=dp)
-        loss = mean_loss(model, val_arrays)
-        if loss < best:
-            best, best_state = loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    train_with_validation(model, train_arrays, subset(site, "val"), schedule, dp=dp, check_every=args.local_epochs)
     return float(c_index(test["time"], test["event"], predict_risk(model, test)))
 
 

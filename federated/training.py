@@ -97,16 +97,20 @@ def build_model(cfg: FusionConfig, seed: int = 0) -> FusionPredictor:
 
 
 def train_with_validation(model: FusionPredictor, train_arrays: dict[str, np.ndarray],
-                          val_arrays: dict[str, np.ndarray], cfg: TrainConfig) -> int:
-    """Non-private training for up to `cfg.epochs`, keeping the epoch with the best validation loss.
+                          val_arrays: dict[str, np.ndarray], cfg: TrainConfig, *, dp: DPSettings | None = None,
+                          check_every: int = 1) -> int:
+    """Training for up to `cfg.epochs`, keeping the weights with the best validation loss.
 
-    Returns the chosen epoch (1-based). Used for the baselines so they are as strong as
-    their data allows.
+    The validation loss is checked every `check_every` epochs; each such chunk starts a
+    fresh optimizer (as a federated round does). Privately with `dp`, whose noise must be
+    budgeted for all `cfg.epochs`. Returns the epoch (1-based) of the kept weights. Used for
+    the baselines so they are as strong as their data (and privacy) allows.
     """
     best, best_state, best_epoch = float("inf"), None, 0
-    one = replace(cfg, epochs=1)
-    for epoch in range(1, cfg.epochs + 1):
-        train(model, train_arrays, replace(one, seed=cfg.seed + epoch))
+    chunk = replace(cfg, epochs=check_every)
+    for n in range(1, cfg.epochs // check_every + 1):
+        train(model, train_arrays, replace(chunk, seed=cfg.seed + n), dp=dp)
+        epoch = n * check_every
         loss = mean_loss(model, val_arrays) if len(val_arrays["static"]) else -epoch
         if loss < best:
             best, best_epoch = loss, epoch

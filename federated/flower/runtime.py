@@ -62,10 +62,11 @@ def free_port(host: str = "127.0.0.1", *, block: int = 1) -> int:
     the returned port and the `block - 1` after it are all free.
     """
     ephemeral = _ephemeral_ports()
-    starts = [p for r in (range(_LOWEST_PICKED_PORT, ephemeral.start - block + 1), range(ephemeral.stop, 65537 - block))
-              for p in r]
+    below, above = range(_LOWEST_PICKED_PORT, ephemeral.start - block + 1), range(ephemeral.stop, 65537 - block)
+    starts = len(below) + len(above)
     for _ in range(200 if starts else 0):
-        base = _pick.choice(starts)
+        i = _pick.randrange(starts)
+        base = below[i] if i < len(below) else above[i - len(below)]
         if all(port_is_free(p, host) for p in range(base, base + block)):
             return base
     if not starts and block == 1:  # the ephemeral range covers every port here: take the kernel's pick
