@@ -11,7 +11,9 @@
    Target: federated > mean local, and >= centralized - 0.03. Two local-only baselines: trained
    without DP (a model that never leaves its site needs none: the strict one), and under the
    federated run's own DP schedule and epsilon (like for like: a model a site shares, as a twin
-   model is, must be private whoever trained it).
+   model is, must be private whoever trained it). Schedules (DEFAULTS below): the simulator's
+   sites train at batch 256, lr 2e-2 over 10 rounds, GBSG2's (about 150 patients a site) at
+   batch 64, lr 5e-3 over 5 rounds; `benchmarks/replay_fedavg.py` replays a run to compare others.
 
     python benchmarks/bench_federated.py --what accuracy --json bench-out/federated.json
 """
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="DP batch size on simulator sites (default: round-wall 128, accuracy 256)")
     ap.add_argument("--gbsg2-batch", type=int, default=64, help="DP batch size on GBSG2 (about 150 patients a site)")
     ap.add_argument("--gbsg2-lr", type=float, default=5e-3,
-                    help="learning rate on GBSG2 (2e-2 over 10 rounds diverges there: C-index 0.57, 2026-11-30)")
+                    help="learning rate on GBSG2 (at 2e-2 over 10 rounds one run of three diverged, 2026-11-30)")
     ap.add_argument("--gbsg2-rounds", type=int, default=5, help="rounds on GBSG2")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None, help="local learning rate (default: round-wall 5e-3, accuracy 2e-2)")

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: variant {name!r} has unknown settings {sorted(unknown)}; use {sorted(SETTINGS)}",
                   file=sys.stderr)
             return 2
+        if spec.get("layout", "sites") not in ("sites", "iid", "pooled"):
+            print(f"error: variant {name!r} has layout {spec['layout']!r}; use sites, iid or pooled", file=sys.stderr)
+            return 2
         scores = [replay(cfg, train_sets, val_sets, test, seed=s, **{**SETTINGS, **spec}) for s in seeds]
         print(f"{name:32s} {np.mean(scores):.4f}  per seed {[round(x, 4) for x in scores]}", flush=True)
     return 0
