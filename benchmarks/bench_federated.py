@@ -126,22 +126,29 @@ def scale(args) -> dict:
             "target": "<= 900 s on 2 cores"}
 
 
-def _evaluate(summary: dict, work: Path, args) -> dict:
-    """Held-out C-index of the federated model, the local-only models and centralized training."""
+def load_run(model_dir: Path, sites_dir: Path, names: list[str]):
+    """A run's federated ensemble, each site's encoded arrays (from its snapshot, with the study's feature
+    spec) and the sites' pooled test split."""
     from evoclone.federated.artifacts import load_component
     from evoclone.federated.features import FeatureSpec, encode_cohort
-    from evoclone.federated.metrics import c_index
     from evoclone.federated.predictor import FusionEnsemble
     from evoclone.federated.snapshot import read_snapshot
-    from evoclone.federated.training import TrainConfig, build_model, concat, predict_risk, subset, train_with_validation
+    from evoclone.federated.training import concat, subset
     from evoclone.site_node.settings import get_settings
 
-    tensors, entry, vocab = load_component(Path(summary["model_dir"]), "predictor")
-    ens = FusionEnsemble.from_state(entry["config"], tensors)
+    tensors, entry, vocab = load_component(model_dir, "predictor")
     spec = FeatureSpec.from_dict(vocab)
-    sites = {s["name"]: encode_cohort(read_snapshot(get_settings(work / "study" / "sites" / s["name"]).snapshot_path)[0],
-                                      spec) for s in summary["sites"]}
-    test = subset(concat([subset(a, "test") for a in sites.values()]))
+    sites = {name: encode_cohort(read_snapshot(get_settings(sites_dir / name).snapshot_path)[0], spec) for name in names}
+    return (FusionEnsemble.from_state(entry["config"], tensors), sites,
+            subset(concat([subset(a, "test") for a in sites.values()])))
+
+
+def _evaluate(summary: dict, work: Path, args) -> dict:
+    """Held-out C-index of the federated model, the local-only models and centralized training."""
+    from evoclone.federated.metrics import c_index
+    from evoclone.federated.training import TrainConfig, build_model, concat, predict_risk, subset, train_with_validation
+
+    ens, sites, test = load_run(Path(summary["model_dir"]), work / "study" / "sites", [s["name"] for s in summary["sites"]])
     fed = c_index(test["time"], test["event"], ens.predict(test)["risk"])
     base = TrainConfig(epochs=args.baseline_epochs, batch_size=32, lr=3e-3, seed=args.seed)
     central = build_model(ens.cfg, seed=args.seed)
@@ -227,10 +234,9 @@ def accuracy(args) -> dict:
 
 # Each target's schedule where the command line leaves it open. Round wall: the settings of its earlier
 # measurements, so they stay comparable. Accuracy: DP-SGD does better with large batches, a higher learning
-# rate and more rounds at the same epsilon (fewer, less noisy steps; docs/benchmarks.md, 2026-11-30); scale
-# takes its own --scale-batch and 5 rounds.
+# rate and more rounds at the same epsilon (fewer, less noisy steps; docs/benchmarks.md, 2026-11-30).
 DEFAULTS = {"round-wall": {"rounds": 5, "batch": 128, "lr": 5e-3},
-            "scale": {"rounds": 5, "batch": 128, "lr": 5e-3},
+            "scale": {"lr": 5e-3},  # its own --scale-batch and 5 rounds
             "accuracy": {"rounds": 10, "batch": 256, "lr": 2e-2}}
 
 

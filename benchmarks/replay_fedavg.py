@@ -32,14 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evoclone.federated.artifacts import load_component
-from evoclone.federated.features import FeatureSpec, encode_cohort
+from bench_federated import load_run as bench_run  # benchmarks/ is on the path when run as a script
 from evoclone.federated.metrics import c_index
-from evoclone.federated.predictor import FusionEnsemble
-from evoclone.federated.snapshot import read_snapshot
 from evoclone.federated.trainer import TrainConfig, budgeted_dp
 from evoclone.federated.training import build_model, concat, mean_loss, predict_risk, subset, train
-from evoclone.site_node.settings import get_settings
 
 SETTINGS = {"layout": "sites", "no_dp": False, "rounds": 5, "epochs": 3, "batch": 128, "lr": 5e-3, "clip": 1.0,
             "epsilon": 3.0, "scaffold": False}
@@ -47,13 +43,9 @@ SETTINGS = {"layout": "sites", "no_dp": False, "rounds": 5, "epochs": 3, "batch"
 
 def load_run(work: Path):
     """(model config, {site: train arrays}, {site: val arrays}, pooled test arrays) of a bench run."""
-    tensors, entry, vocab = load_component(work / "model", "predictor")
-    cfg = FusionEnsemble.from_state(entry["config"], tensors).cfg
-    spec = FeatureSpec.from_dict(vocab)
-    sites = {p.name: encode_cohort(read_snapshot(get_settings(p).snapshot_path)[0], spec)
-             for p in sorted((work / "study" / "sites").iterdir()) if p.is_dir()}
-    test = subset(concat([subset(a, "test") for a in sites.values()]))
-    return (cfg, {k: subset(a, "train") for k, a in sites.items()}, {k: subset(a, "val") for k, a in sites.items()},
+    sites_dir = work / "study" / "sites"
+    ens, sites, test = bench_run(work / "model", sites_dir, sorted(p.name for p in sites_dir.iterdir() if p.is_dir()))
+    return (ens.cfg, {k: subset(a, "train") for k, a in sites.items()}, {k: subset(a, "val") for k, a in sites.items()},
             test)
 
 
