@@ -6,10 +6,13 @@ in every round. The guarded SuperNode (`flower_node`) therefore starts this zygo
 imports them once and forks a ClientApp for each request, and puts a tiny
 `flwr-clientapp` shim first on the SuperNode's PATH: the shim hands its arguments,
 environment, working directory and standard streams to the zygote over a private Unix
-socket (mode 0600 in a 0700 directory) and exits. Without the zygote (not started yet, or
-gone) the shim runs Flower's own `flwr-clientapp`, so nothing depends on it. This is the
-forkserver technique (Python's multiprocessing, gunicorn's preload): the zygote runs no
-torch computation, so nothing thread-related is forked.
+socket (mode 0600 in a 0700 directory) and exits. A zygote still importing (the first
+messages of a study reach a node that has just started) is waited for: a cold ClientApp would
+import the same modules again on the same cores, slowing both. Without a zygote (gone, or
+never started) the shim runs Flower's own `flwr-clientapp`, so nothing depends on it. This is
+the forkserver technique (Python's multiprocessing, gunicorn's preload): the zygote runs no
+torch computation, so nothing thread-related is forked. The zygote removes its directory when
+it leaves, on SIGTERM too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -40,14 +44,39 @@ PRELOAD = ("torch", "opacus", "sqlite3", "statistics", "flwr.supernode.cli.flwr_
 SOCKET_ENV = "EVOCLONE_CLIENTAPP_ZYGOTE"
 REAL_ENV = "EVOCLONE_REAL_CLIENTAPP"
 CHILD_ENV = "EVOCLONE_ZYGOTE_CHILD"  # set in every ClientApp forked from the zygote
+WAIT_ENV = "EVOCLONE_ZYGOTE_WAIT"  # seconds a shim waits for a zygote that is still importing
+WAIT_SECONDS = 120.0  # preloading takes seconds; this bounds a zygote that hangs while alive
+PID_FILE = "zygote.pid"  # in the shim's directory: the zygote a shim may wait for
 
 SHIM = '''#!{python} -S
 # flwr-clientapp shim written by evoclone: fork the ClientApp from the site's warm zygote
-import json, os, socket, struct, sys
+import json, os, socket, struct, sys, time
 real = os.environ.get("{real_env}", "")
+
+def starting(sock):
+    """The zygote has not bound its socket yet but lives (a zombie has left)."""
+    try:
+        pid = int(open(os.path.join(os.path.dirname(sock), "{pid_file}")).read())
+    except (OSError, ValueError):
+        return False
+    try:  # Linux: a zombie (exited, not yet reaped by the SuperNode) has left too
+        return open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        if os.path.isdir("/proc"):
+            return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
 try:
+    sock = os.environ["{socket_env}"]
+    deadline = time.monotonic() + float(os.environ.get("{wait_env}", "{wait}"))
+    while not os.path.exists(sock) and time.monotonic() < deadline and starting(sock):
+        time.sleep(0.05)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(os.environ["{socket_env}"])
+    s.connect(sock)
     doc = json.dumps({{"argv": ["flwr-clientapp", *sys.argv[1:]], "env": dict(os.environ),
                       "cwd": os.getcwd()}}).encode()
     socket.send_fds(s, [struct.pack("!I", len(doc)) + doc], [0, 1, 2])
@@ -62,12 +91,23 @@ def prepare(real_clientapp: str) -> tuple[Path, dict[str, str]]:
     """A private directory with the shim; returns (socket path, environment additions for the SuperNode)."""
     d = Path(tempfile.mkdtemp(prefix="evoclone-zyg-"))  # short path: Unix socket paths are limited to 107 bytes
     shim = d / "flwr-clientapp"
-    shim.write_text(SHIM.format(python=sys.executable, real_env=REAL_ENV, socket_env=SOCKET_ENV))
+    shim.write_text(SHIM.format(python=sys.executable, real_env=REAL_ENV, socket_env=SOCKET_ENV, wait_env=WAIT_ENV,
+                                wait=WAIT_SECONDS, pid_file=PID_FILE))
     shim.chmod(0o755)
     sock = d / "zygote.sock"
     env = {SOCKET_ENV: str(sock), REAL_ENV: real_clientapp,
            "PATH": f"{d}{os.pathsep}{os.environ.get('PATH', '')}"}
     return sock, env
+
+
+def start(sock_path: Path, parent_pid: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the zygote for `prepare`'s socket, serving while `parent_pid` lives; shims wait for it from now on."""
+    proc = subprocess.Popen([sys.executable, "-m", "evoclone.site_node.clientapp_zygote", str(sock_path),
+                             str(parent_pid)], stdin=subprocess.DEVNULL, env=env)
+    tmp = sock_path.parent / (PID_FILE + ".tmp")
+    tmp.write_text(str(proc.pid))
+    os.replace(tmp, sock_path.parent / PID_FILE)
+    return proc
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -118,7 +158,21 @@ def _run_child(req: dict, fds: list[int]) -> None:
 
 
 def serve(sock_path: Path, parent_pid: int) -> None:
-    """Preload, then fork a ClientApp per request while the SuperNode (parent) lives."""
+    """Preload, then fork a ClientApp per request while the SuperNode (parent) lives; leave no directory behind."""
+    me = os.getpid()
+    # a SuperNode stopped with its process group sends SIGTERM: leave through `finally`, which removes the
+    # directory (its socket and the shim); forked children restore the default at once (`_run_child`)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+    try:
+        _serve(sock_path, parent_pid)
+    finally:
+        if os.getpid() == me:  # not in a child that a signal caught between the fork and `_run_child`
+            import shutil
+
+            shutil.rmtree(sock_path.parent, ignore_errors=True)
+
+
+def _serve(sock_path: Path, parent_pid: int) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     from evoclone.federated.api_common import freeze_startup_objects
@@ -141,11 +195,13 @@ def serve(sock_path: Path, parent_pid: int) -> None:
     signal.signal(signal.SIGCHLD, reap)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
+    bound = sock_path.with_name(sock_path.name + ".tmp")
     try:
-        srv.bind(str(sock_path))
+        srv.bind(str(bound))
     finally:
         os.umask(old)
     srv.listen(16)
+    os.replace(bound, sock_path)  # appears listening: a shim that sees it can connect
     srv.settimeout(1.0)
     try:
         while os.getppid() == parent_pid:
@@ -169,14 +225,11 @@ def serve(sock_path: Path, parent_pid: int) -> None:
                     conn.sendall(str(pid).encode())
                 except OSError:
                     pass
-    finally:  # the shim goes too: a later lookup of flwr-clientapp finds Flower's own
+    finally:
         srv.close()
-        import shutil
-
-        shutil.rmtree(sock_path.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    from evoclone.site_node.clientapp_zygote import serve as _serve  # the package's module, not __main__
+    from evoclone.site_node.clientapp_zygote import serve as serve_zygote  # the package's module, not __main__
 
-    _serve(Path(sys.argv[1]), int(sys.argv[2]))
+    serve_zygote(Path(sys.argv[1]), int(sys.argv[2]))

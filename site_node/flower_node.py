@@ -67,17 +67,15 @@ def start_zygote() -> None:
     """Start the warm ClientApp zygote and put its shim first on this process's PATH."""
     import os
     import shutil
-    import subprocess
 
-    from .clientapp_zygote import prepare
+    from .clientapp_zygote import prepare, start
 
     real = shutil.which("flwr-clientapp")
     if real is None:
         return
     sock, env = prepare(real)
     os.environ.update(env)
-    subprocess.Popen([sys.executable, "-m", "evoclone.site_node.clientapp_zygote", str(sock), str(os.getpid())],
-                     stdin=subprocess.DEVNULL)
+    start(sock, os.getpid())
 
 
 def main(argv: list[str] | None = None) -> None:

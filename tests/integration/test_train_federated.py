@@ -257,8 +257,8 @@ def test_train_with_tls_node_auth_and_approval(trial_csv, tls_cli_train):
     assert [s["name"] for s in summary["sites"]] == ["h1", "h2", "h3"]
     fusion = summary["models"]["fusion"]
     assert [r["round"] for r in fusion["rounds"]] == [1, 2] and fusion["best_round"] in (1, 2)
-    # from round 2 on, every site's ClientApp was forked from its SuperNode's warm zygote
-    assert all(p["warm_start"] for p in fusion["rounds"][1]["participation"])
+    # every round's ClientApp was forked from its SuperNode's warm zygote
+    assert all(p["warm_start"] for r in fusion["rounds"] for p in r["participation"])
     # each site reports its round's timing: delivery, then its handler, which holds the training
     assert all(0 < p["train_seconds"] < p["handler_seconds"] < r["wall_seconds"] and p["start_latency_seconds"] > 0
                for r in fusion["rounds"] for p in r["participation"])

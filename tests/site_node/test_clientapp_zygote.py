@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from evoclone.site_node.clientapp_zygote import REAL_ENV, SOCKET_ENV, prepare
+from evoclone.site_node.clientapp_zygote import PID_FILE, REAL_ENV, SOCKET_ENV, WAIT_ENV, prepare, start
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -27,27 +27,47 @@ def test_shim_falls_back_to_flowers_clientapp_without_a_zygote():
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 
-def test_shim_forks_the_clientapp_from_the_warm_zygote():
+def test_shim_waits_for_a_starting_zygote_and_forks_the_clientapp_from_it():
     real = shutil.which("flwr-clientapp", path=os.path.dirname(sys.executable))
     sock, env = prepare(real)
-    zygote = subprocess.Popen([sys.executable, "-m", "evoclone.site_node.clientapp_zygote", str(sock),
-                               str(os.getpid())], env=_env(env))
+    zygote = start(sock, os.getpid(), env=_env(env))
     try:
-        deadline = time.monotonic() + 120
-        while not sock.exists():  # the zygote binds its socket once the heavy imports are done
-            assert zygote.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        assert oct(sock.stat().st_mode & 0o777) == "0o600"
         shim = sock.parent / "flwr-clientapp"
-        # the forked ClientApp writes to the shim's own stdout; a broken real binary proves no fallback ran
-        r = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=60,
+        # asked while the zygote still imports (it binds its socket once the heavy imports are done): the shim
+        # waits for it; the forked ClientApp writes to the shim's own stdout, and a broken real binary proves
+        # that no fallback ran
+        assert not sock.exists()
+        r = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=180,
                            env=_env({**env, REAL_ENV: "/nonexistent/flwr-clientapp"}))
         assert "usage: flwr-clientapp" in r.stdout, r.stderr[-500:]
-    finally:
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        # a SuperNode is stopped with its process group (SIGTERM): the zygote takes its directory with it
         zygote.terminate()
+        assert zygote.wait(timeout=30) == 0
+        assert not sock.parent.exists()
+    finally:
+        zygote.kill()
         zygote.wait(timeout=30)
         shutil.rmtree(sock.parent, ignore_errors=True)
     assert SOCKET_ENV in env
+
+
+def test_shim_falls_back_at_once_when_the_zygote_died_while_starting():
+    real = shutil.which("flwr-clientapp", path=os.path.dirname(sys.executable))
+    sock, env = prepare(real)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, never reaped: /proc still lists it
+    try:
+        for pid in (gone.pid, zombie.pid):
+            (sock.parent / PID_FILE).write_text(str(pid))
+            # were the shim to wait for a zygote that is no more, the wait (10 minutes) would outlast the timeout
+            r = subprocess.run([str(sock.parent / "flwr-clientapp"), "--help"], capture_output=True, text=True,
+                               timeout=120, env=_env({**env, WAIT_ENV: "600"}))
+            assert r.returncode == 0 and "usage: flwr-clientapp" in r.stdout
+    finally:
+        zombie.wait()
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 def _children(parent: int) -> list[int]:
