@@ -195,10 +195,9 @@ def _mean_sd(xs: list[float]) -> dict:
 
 def accuracy(args) -> dict:
     """Each dataset `--reps` times (new site keys, so new splits; new seeds): means and sds."""
-    out = {"what": "accuracy", "epsilon": args.epsilon, "strategy": args.strategy,
-           "schedule": {"simulator": {"rounds": args.rounds, "batch": args.batch, "lr": args.lr},
-                        "gbsg2": {"rounds": args.gbsg2_rounds, "batch": args.gbsg2_batch, "lr": args.gbsg2_lr,
-                                  "local_epochs": args.gbsg2_local_epochs}},
+    schedules = {"simulator": {k: getattr(args, k) for k in ("rounds", "batch", "lr", "local_epochs")},
+                 "gbsg2": {k: getattr(args, f"gbsg2_{k}") for k in ("rounds", "batch", "lr", "local_epochs")}}
+    out = {"what": "accuracy", "epsilon": args.epsilon, "strategy": args.strategy, "schedule": schedules,
            "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
     # the target is the prognostic model's accuracy at --epsilon per site: by default the whole budget trains it
     # (--arm-shift-share > 0 keeps that share for the post-training arm-effect query, as `evoclone train` does)
@@ -209,9 +208,7 @@ def accuracy(args) -> dict:
         for rep in range(args.reps):
             seed = args.seed + rep
             w = Path(args.work) / f"acc-{dataset}-{rep}"
-            a = argparse.Namespace(**{**vars(args), "seed": seed, **({} if dataset == "simulator" else {
-                "batch": args.gbsg2_batch, "lr": args.gbsg2_lr, "rounds": args.gbsg2_rounds,
-                "local_epochs": args.gbsg2_local_epochs})})
+            a = argparse.Namespace(**{**vars(args), "seed": seed, **schedules[dataset]})
             if dataset == "simulator":
                 table, events = simulator_table(args.patients, args.sites, seed)
                 covariates = COVARIATES_SIM

@@ -74,8 +74,10 @@ def replay(cfg, train_sets: dict, val_sets: dict, test: dict, *, seed: int, layo
     """Test C-index of the best round (by pooled validation loss) of one replayed federated run."""
     parts = _layout(train_sets, layout)
     sizes = [len(a["static"]) for a in parts.values()]
-    dp = {k: budgeted_dp(len(a["static"]), TrainConfig(epochs=rounds * epochs, batch_size=batch, lr=lr, seed=seed),
-                         target_epsilon=epsilon, delta=1e-5, max_grad_norm=clip) for k, a in parts.items()}
+    dp = {k: None if no_dp else budgeted_dp(len(a["static"]), TrainConfig(epochs=rounds * epochs, batch_size=batch,
+                                                                          lr=lr, seed=seed),
+                                            target_epsilon=epsilon, delta=1e-5, max_grad_norm=clip)
+          for k, a in parts.items()}
     val_weights = [len(v["static"]) for v in val_sets.values()]
     model = build_model(cfg, seed=seed)
     glob = _state(model)
@@ -104,7 +106,7 @@ def replay(cfg, train_sets: dict, val_sets: dict, test: dict, *, seed: int, layo
                             p.sub_(lr * c)
                 hook = correct
             train(model, arrays, TrainConfig(epochs=epochs, batch_size=batch, lr=lr, seed=seed + r + 100 * i),
-                  dp=None if no_dp else dp[k], on_step=hook)
+                  dp=dp[k], on_step=hook)
             if scaffold:
                 new_c[k] = [ci - c + (x - p.detach()) / (steps[0] * lr)
                             for ci, c, x, p in zip(c_site[k], c_global, start, model.parameters())]

@@ -53,11 +53,15 @@ SHIM = '''#!{python} -S
 import json, os, socket, struct, sys, time
 real = os.environ.get("{real_env}", "")
 
-def starting(sock):
-    """The zygote has not bound its socket yet but lives (a zombie has left)."""
+def zygote_pid(sock):
     try:
-        pid = int(open(os.path.join(os.path.dirname(sock), "{pid_file}")).read())
+        return int(open(os.path.join(os.path.dirname(sock), "{pid_file}")).read())
     except (OSError, ValueError):
+        return None
+
+def alive(pid):
+    """The zygote still runs (a zombie has left)."""
+    if pid is None:
         return False
     try:  # Linux: a zombie (exited, not yet reaped by the SuperNode) has left too
         return open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -73,7 +77,8 @@ def starting(sock):
 try:
     sock = os.environ["{socket_env}"]
     deadline = time.monotonic() + float(os.environ.get("{wait_env}", "{wait}"))
-    while not os.path.exists(sock) and time.monotonic() < deadline and starting(sock):
+    pid = zygote_pid(sock)
+    while not os.path.exists(sock) and time.monotonic() < deadline and alive(pid):
         time.sleep(0.05)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock)
