@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -27,6 +29,8 @@ from .routes import audit, auth, health, jobs, models, pages, patients, reviews,
 API_PREFIX = "/api/v1"
 SITE_DIR_ENV = "EVOCLONE_SITE_DIR"
 API_WORKERS_ENV = "EVOCLONE_SITE_API_WORKERS"  # how many API processes share the cores (set by `site serve`)
+WARM_JOIN_SECONDS = 60  # how long a shutdown waits for a warm-up still starting the workers
+log = logging.getLogger("evoclone.site.api")
 API_MODULES = (auth, users, tokens, patients, twins, reviews, jobs, models, audit)  # their routers, under /api/v1
 
 
@@ -70,10 +74,13 @@ def create_app(settings: SiteSettings, *, clock: Callable[[], datetime] = utc_no
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade(engine)  # Alembic: the same migrations on SQLite and PostgreSQL (a no-op when current)
+        warming = None
         if warm:
-            _warm(app)
+            warming = _warm_in_background(app)
             freeze_startup_objects()
         yield
+        if warming is not None:  # a shutdown during the warm-up lets it finish before the workers are stopped
+            warming.join(timeout=WARM_JOIN_SECONDS)
         services = getattr(app.state, "twins", None)
         if services is not None:
             services.close()
@@ -113,6 +120,22 @@ def _warm(app: FastAPI) -> None:
     except SiteError:
         ref = None
     services_of(app).inference.warm(ref)
+
+
+def _warm_in_background(app: FastAPI) -> threading.Thread:
+    """Run `_warm` on a thread: starting the workers blocks for as long as their forkserver takes to import torch
+    and the models (3.5 s on an idle 2-core server, longer on a busy one), and the API (health, logins, reviews)
+    need not wait for that; a twin request made meanwhile queues for the workers."""
+    def run() -> None:
+        try:
+            _warm(app)
+        except Exception:  # noqa: BLE001 (a warm-up is an optimization; the first request reports the error)
+            log.warning("starting the inference workers in advance failed; the first twin request starts them",
+                        exc_info=True)
+
+    thread = threading.Thread(target=run, name="evoclone-inference-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def app_from_env() -> FastAPI:

@@ -231,3 +231,31 @@ def test_inference_workers_setting(site_dir):
     assert default_workers(1) == max(1, len(os.sched_getaffinity(0)) - 1)
     with pytest.raises(ValueError, match="at least one worker"):
         InferencePool(site_dir=site_dir, workers=0)
+
+
+def test_the_api_answers_while_its_inference_workers_are_still_starting(settings, clock, monkeypatch):
+    """`evoclone site serve` warms the workers (a forkserver importing torch: seconds) on a thread: health and
+    logins answer at once, and a shutdown during the warm-up waits for it before stopping the workers."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from evoclone.site_node.api.main import create_app
+    from evoclone.site_node.inference import InferencePool
+
+    release, calls = threading.Event(), []
+
+    def slow_warm(self, ref):
+        calls.append(("started", ref))
+        release.wait(30)
+        calls.append(("done", ref))
+
+    monkeypatch.setattr(InferencePool, "warm", slow_warm)
+    app = create_app(settings, clock=clock, warm=True)
+    with TestClient(app) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        _wait(lambda: calls, "the warm-up to start")
+        assert calls == [("started", None)]  # no model promoted yet: the workers start empty
+        assert app.state.twins.inference is not None
+        release.set()
+    assert calls == [("started", None), ("done", None)]  # the shutdown waited for it
