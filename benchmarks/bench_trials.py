@@ -69,7 +69,8 @@ def run_one(name: str, seed: int, args, work: Path) -> dict:
                            covariates=covariates, rounds=args.rounds, epsilon=args.epsilon, engine="simulation",
                            local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
                            members=args.members, seed=seed, insecure=True, work_dir=work / f"study-{name}-{seed}",
-                           force=True))
+                           force=True, extra_run_config={} if args.arm_shift_share is None
+                           else {"arm-shift-share": args.arm_shift_share}))
     fed_seconds = time.monotonic() - started
     fed, _ = simulate(SimulateOptions(model_dir=fed_dir, cohort=cohort, twins=args.twins, seed=seed))
     central_dir = work / f"central-{name}-{seed}"
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--twins", type=int, default=20)
     ap.add_argument("--arm-shift-clip", type=float, default=0.5, help="the app's arm-shift-clip (for --decompose)")
+    ap.add_argument("--arm-shift-share", type=float, default=None,
+                    help="share of each site's epsilon for the arm-effect query (default: the app's, 0.3)")
     ap.add_argument("--decompose", action="store_true",
                     help="also report each federated run's exact arm effect and the query noise's share of the error")
     ap.add_argument("--json", type=Path)
