@@ -234,8 +234,8 @@ def test_inference_workers_setting(site_dir):
 
 
 def test_the_api_answers_while_its_inference_workers_are_still_starting(settings, clock, monkeypatch):
-    """`evoclone site serve` warms the workers (a forkserver importing torch: seconds) on a thread: health and
-    logins answer at once, and a shutdown during the warm-up waits for it before stopping the workers."""
+    """`evoclone site serve` warms the workers (a forkserver importing torch: seconds) on a thread: the API answers
+    while the warm-up is still running, and the shutdown lets the warm-up finish before it stops the workers."""
     import threading
 
     from fastapi.testclient import TestClient
@@ -251,11 +251,12 @@ def test_the_api_answers_while_its_inference_workers_are_still_starting(settings
         calls.append(("done", ref))
 
     monkeypatch.setattr(InferencePool, "warm", slow_warm)
+    monkeypatch.setattr(InferencePool, "close", lambda self: calls.append(("closed", None)))
     app = create_app(settings, clock=clock, warm=True)
     with TestClient(app) as client:
         assert client.get("/health").json() == {"status": "ok"}
         _wait(lambda: calls, "the warm-up to start")
         assert calls == [("started", None)]  # no model promoted yet: the workers start empty
-        assert app.state.twins.inference is not None
+        assert client.get("/ready").status_code == 200
         release.set()
-    assert calls == [("started", None), ("done", None)]  # the shutdown waited for it
+    assert calls == [("started", None), ("done", None), ("closed", None)]  # the warm-up ended before the close
