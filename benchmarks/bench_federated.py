@@ -198,7 +198,7 @@ def accuracy(args) -> dict:
     schedules = {"simulator": {k: getattr(args, k) for k in ("rounds", "batch", "lr", "local_epochs")},
                  "gbsg2": {k: getattr(args, f"gbsg2_{k}") for k in ("rounds", "batch", "lr", "local_epochs")}}
     out = {"what": "accuracy", "epsilon": args.epsilon, "strategy": args.strategy, "schedule": schedules,
-           "server_lr": args.server_lr, "local_epochs": args.local_epochs, "reps": args.reps}
+           "server_lr": args.server_lr, "reps": args.reps}
     # the target is the prognostic model's accuracy at --epsilon per site: by default the whole budget trains it
     # (--arm-shift-share > 0 keeps that share for the post-training arm-effect query, as `evoclone train` does)
     extra = {"server-learning-rate": args.server_lr, "d-model": args.d_model, "arm-shift-share": args.arm_shift_share,
