@@ -47,9 +47,9 @@ def train(
                                                           "update, never one site's")] = False,
     arm_shift_share: Annotated[float | None, typer.Option(
         help="share of --epsilon kept for re-estimating the arm's effect after training (fusion, time-to-event "
-             "and binary endpoints; 0: off; default: the app's, 0.3). Higher: a steadier effect estimate for "
-             "in-silico trials, a less accurate model on small sites (0.5 for a trial of about 100 events, "
-             "0 for prognosis only; see the sponsor guide)", min=0.0, max=0.95)] = None,
+             "and binary endpoints; 0: off; default: the app's, 0.2). Higher: a steadier effect estimate for "
+             "in-silico trials, a less accurate model on small sites (0 for prognosis only; see the sponsor "
+             "guide)", min=0.0, max=0.95)] = None,
     insecure: Annotated[bool, typer.Option(help="test mode: no TLS and no node authentication")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing model directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,

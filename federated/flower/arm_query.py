@@ -2,12 +2,13 @@
 
 The final model's per-arm sums over the site's patients with the endpoint (training and
 validation splits): observed and expected events, or score and information; each patient's
-terms bounded, with Gaussian noise: one Gaussian mechanism (sample rate 1, one step). Its noise multiplier is the
-smallest that keeps the site's spend for this run within the run's target epsilon, composed
-by the ledger's Opacus accountant with the run's training rounds (which left
-`arm-shift-share` of the target for it). The charge is the run's round 0. The noised sums
-are kept at the site, so a query repeated after a coordinator restart gets the same answer
-without a second charge (a fresh draw would average the noise away).
+terms bounded, released through a fixed linear map with Gaussian noise (federated.arm_shift):
+one Gaussian mechanism (sample rate 1, one step). Its noise multiplier is the smallest that keeps
+the site's spend for this run within the run's target epsilon, composed by the ledger's Opacus
+accountant with the run's training rounds (which left `arm-shift-share` of the target for it).
+The charge is the run's round 0. The noised sums are kept at the site, so a query repeated after
+a coordinator restart gets the same answer without a second charge (a fresh draw would average
+the noise away).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
     """Reply to an arm-shift query: the noised sums, or a typed refusal with the reason."""
     from evoclone.privacy.accounting import LedgerEntry, calibrate_noise, epsilon_of
 
-    from ..arm_shift import arm_index, noised_sums, sensitivity
+    from ..arm_shift import arm_index, b_bound, noise_cov, noised_sums, sensitivity
     from ..features import FeatureSpec
     from ..stores.ledger import LedgerMismatchError, SqlLedgerStore
     from ..training import concat
@@ -37,7 +38,8 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
 
     rc = context.run_config
     cfg = msg.content["config"]
-    noise_sd = lambda sigma: sigma * sensitivity(str(rc["endpoint"]), float(cfg["clip"]))  # noqa: E731
+    endpoint, clip = str(rc["endpoint"]), float(cfg["clip"])
+    noise_sd = lambda sigma: sigma * sensitivity(endpoint, clip)  # noqa: E731
     key = run_key(context)
     store = SqlLedgerStore(url=node["ledger"])
     ledger = None
@@ -53,9 +55,12 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
                 store.charge(LedgerEntry(run_id=key, round=ARM_SHIFT_ROUND, **kept["charge"]))
             except ValueError as exc:
                 return _reply(msg, node, ledger, refused=str(exc))
+            sigma = kept["charge"]["noise_multiplier"]
+            # sums kept before the release went through a map were noised independently: (1 + b^2) sigma^2 each
+            cov = kept.get("noise_cov") or (sigma ** 2 * (1 + b_bound(endpoint, clip) ** 2) * np.eye(2)).tolist()
             return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
                                                 accountant=ledger.accountant), sums=kept["sums"],
-                          noise_sd=noise_sd(kept["charge"]["noise_multiplier"]))
+                          noise_sd=noise_sd(sigma), noise_cov=cov)
         task = task_for(rc)
         vocab = json.loads(str(cfg["vocabulary"]))
         data = encoded(task, node, vocab)
@@ -73,13 +78,14 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
         ensemble = task._ensemble(vocab, unpack(msg.content["arrays"], str(cfg["layout"])))
         ensemble.arm_column = arm_index(FeatureSpec.from_dict(vocab["spec"]))
         rng = np.random.default_rng(secrets.randbits(128))  # OS entropy: the noise must not be predictable
-        sums = noised_sums(ensemble, pooled, clip=float(cfg["clip"]), noise_multiplier=sigma, rng=rng).tolist()
+        sums = noised_sums(ensemble, pooled, clip=clip, noise_multiplier=sigma, rng=rng).tolist()
         charge = {"noise_multiplier": sigma, "sample_rate": 1.0, "steps": 1}
+        cov = noise_cov(endpoint, clip, noise_sd(sigma)).tolist()
         kept_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = kept_path.with_name(kept_path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"sums": sums, "charge": charge}, f)
+            json.dump({"sums": sums, "charge": charge, "noise_cov": cov}, f)
         os.replace(tmp, kept_path)
         try:
             store.charge(LedgerEntry(run_id=key, round=ARM_SHIFT_ROUND, **charge))
@@ -87,7 +93,8 @@ def answer(msg: Message, context: Context, node: dict, encoded) -> Message:
             kept_path.unlink(missing_ok=True)
             return _reply(msg, node, ledger, refused=str(exc))
         return _reply(msg, node, store.open(epsilon_budget=node["budget"], delta=node["delta"],
-                                            accountant=ledger.accountant), sums=sums, noise_sd=noise_sd(sigma))
+                                            accountant=ledger.accountant), sums=sums, noise_sd=noise_sd(sigma),
+                      noise_cov=cov)
     finally:
         store.close()
 
@@ -102,7 +109,7 @@ def _safe(key: str) -> str:
 
 
 def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None, noise_sd: float = 0.0,
-           refused: str = "") -> Message:
+           noise_cov: list[list[float]] | None = None, refused: str = "") -> Message:
     site = ConfigRecord({"site": node["site"], "status": STATUS_REFUSED if refused else STATUS_OK})
     if refused:
         site["reason"] = refused
@@ -113,6 +120,8 @@ def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None,
                                  "delta": ledger.delta if ledger else node["delta"]}),
     })
     if sums is not None:
-        # the noise's sd is public (the noise multiplier times the sensitivity): the coordinator's standard error
-        content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums), "noise-sd": float(noise_sd)})
+        # the noise is public (the noise multiplier times the sensitivity, through the release's map): the
+        # covariance of each arm's (a, b) sums gives the coordinator's standard error
+        content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums), "noise-sd": float(noise_sd),
+                                             "noise-cov": json.dumps(noise_cov)})
     return Message(content=content, reply_to=msg)

@@ -430,7 +430,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
                         "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
     replies = ask_sites(grid, {"arrays": pack(tensors), "config": cfg}, message_type=MessageType.QUERY,
                         timeout=timeout)
-    participation, total, noise_var = [], np.zeros(4), 0.0
+    participation, total, noise = [], np.zeros(4), np.zeros((2, 2))
     for msg in replies:
         if msg.has_error():
             participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
@@ -444,7 +444,9 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
         if status == STATUS_OK:
             answer = msg.content.config_records["arm-shift"]
             total += np.asarray(json.loads(str(answer["sums"])), dtype=float)
-            noise_var += float(answer.get("noise-sd", 0.0)) ** 2
+            # each arm's (a, b) noise covariance; a site that sends only its sd noised the sums independently
+            noise += (np.asarray(json.loads(str(answer["noise-cov"])), dtype=float) if "noise-cov" in answer
+                      else float(answer.get("noise-sd", 0.0)) ** 2 * np.eye(2))
         else:
             entry["reason"] = str(site.get("reason", ""))
         participation.append(entry)
@@ -456,7 +458,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
     if step is None:
         return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
     return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0],
-            "se": effect_se(str(rc["endpoint"]), total, noise_var)}
+            "se": effect_se(str(rc["endpoint"]), total, noise)}
 
 
 def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None = None, timeout: float = 0.0,

@@ -11,7 +11,7 @@ import statsmodels.api as sm
 import torch
 
 from evoclone.federated.arm_shift import _terms, apply, arm_sums, effect_se, estimate, fit_arm_shift, \
-    noised_sums, patient_terms, query_share, sensitivity, standard_errors
+    noise_cov, noised_sums, patient_terms, query_share, sensitivity, standard_errors, transform
 from evoclone.federated.models.fusion import FusionConfig
 from evoclone.federated.predictor import FusionEnsemble
 from evoclone.federated.training import build_model
@@ -89,12 +89,18 @@ def test_standard_errors_are_the_glms_plus_the_noise_of_the_sums(endpoint):
     # unshifted model (the one Newton step the federated estimate takes) against the GLM's at its optimum
     tol = dict(abs=1e-6) if endpoint == "time_to_event" else dict(rel=0.1)
     assert standard_errors(endpoint, sums) == pytest.approx(tuple(ref), **tol)
-    noisy = standard_errors(endpoint, sums, noise_var=25.0)
+    independent = 25.0 * np.eye(2)
+    noisy = standard_errors(endpoint, sums, independent)
     assert all(n > p for n, p in zip(noisy, standard_errors(endpoint, sums)))
+    a0, b0, _, _ = sums
     if endpoint == "time_to_event":
-        a0, b0, _, _ = sums
         assert noisy[0] ** 2 == pytest.approx(1 / a0 + 25.0 * (1 / a0 ** 2 + 1 / b0 ** 2))
-    assert effect_se(endpoint, sums, 25.0) == pytest.approx(np.hypot(*noisy))
+        # noise that moves O and E together barely moves log(O / E): the delta method's covariance term
+        together = standard_errors(endpoint, sums, 25.0 * np.ones((2, 2)))[0]
+        assert together ** 2 == pytest.approx(1 / a0 + 25.0 * (1 / a0 - 1 / b0) ** 2)
+    else:
+        assert noisy[0] ** 2 == pytest.approx(1 / b0 + 25.0 * (1 / b0 ** 2 + a0 ** 2 / b0 ** 4))
+    assert effect_se(endpoint, sums, independent) == pytest.approx(np.hypot(*noisy))
 
 
 def test_the_estimator_from_summed_sums_and_too_little_information():
@@ -104,19 +110,45 @@ def test_the_estimator_from_summed_sums_and_too_little_information():
     assert estimate("time_to_event", np.array([30.0, 20.0, -2.0, 20.0])) is None  # noise ate the arm's events
 
 
-def test_a_patient_moves_the_sums_by_at_most_the_sensitivity_and_the_noise_has_the_documented_sd():
-    ens, arrays = _data("time_to_event", n=300)
-    clip = 1.0
+@pytest.mark.parametrize("endpoint,clip", [("time_to_event", 0.5), ("time_to_event", 1.0), ("binary", 1.0)])
+def test_a_patient_moves_the_release_by_at_most_the_sensitivity_and_the_noise_has_the_documented_covariance(
+        endpoint, clip):
+    ens, arrays = _data(endpoint, n=300)
+    m = transform(endpoint, clip)
+    released = lambda sums: (sums.reshape(2, 2) @ m.T).reshape(4)  # noqa: E731 (each arm's pair through M)
     base = arm_sums(ens, arrays, clip=clip)
-    for i in range(20):  # removing any one patient changes one arm's pair by at most the sensitivity
+    moves = []
+    for i in range(60):  # removing any one patient changes one arm's released pair by at most the sensitivity
         keep = np.arange(len(arrays["static"])) != i
-        diff = np.abs(base - arm_sums(ens, {k: v[keep] for k, v in arrays.items()}, clip=clip))
-        assert np.linalg.norm(diff) <= sensitivity("time_to_event", clip) + 1e-9
+        diff = np.abs(released(base) - released(arm_sums(ens, {k: v[keep] for k, v in arrays.items()}, clip=clip)))
+        moves.append(np.linalg.norm(diff))
         assert np.count_nonzero(diff > 1e-12) <= 2
+    assert max(moves) <= sensitivity(endpoint, clip) + 1e-9
     rng = np.random.default_rng(0)
-    draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=3.0, rng=rng) for _ in range(400)])
-    assert draws.mean(axis=0) == pytest.approx(base, abs=1.5)
-    assert draws.std(axis=0) == pytest.approx(np.full(4, 3.0 * np.sqrt(1 + clip ** 2)), rel=0.15)
+    draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=3.0, rng=rng) for _ in range(2000)])
+    cov = noise_cov(endpoint, clip, 3.0 * sensitivity(endpoint, clip))
+    assert draws.mean(axis=0) == pytest.approx(base, abs=0.5)
+    for arm in (0, 1):
+        assert np.abs(np.cov(draws[:, 2 * arm:2 * arm + 2].T) - cov).max() <= 0.1 * cov.max()
+
+
+def test_the_time_to_event_release_noises_the_log_effect_far_less_than_independent_noise_at_the_same_privacy():
+    # the same noise multiplier, hence the same charge: (O - E, w E) at sensitivity 1 against (O, E) noised
+    # independently at sqrt(1 + c^2), as first built; the spread of the log hazard ratio is what the twins carry
+    ens, arrays = _data("time_to_event", n=600)
+    clip, sigma = 0.5, 3.0
+    assert sensitivity("time_to_event", clip) == pytest.approx(1.0)
+    base = arm_sums(ens, arrays, clip=clip)
+    rng = np.random.default_rng(1)
+    draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=sigma, rng=rng) for _ in range(3000)])
+    independent = base + rng.normal(0.0, sigma * np.sqrt(1 + clip ** 2), size=draws.shape)
+    log_hr = lambda s: np.log(s[:, 2] / s[:, 3]) - np.log(s[:, 0] / s[:, 1])  # noqa: E731
+    new_sd, old_sd = log_hr(draws).std(), log_hr(independent).std()
+    assert new_sd < 0.6 * old_sd
+    # and the coordinator's standard error predicts it: the sampling part removed, the noise part is the spread
+    se2 = lambda cov: effect_se("time_to_event", base, cov) ** 2 - effect_se("time_to_event", base) ** 2  # noqa
+    assert np.sqrt(se2(noise_cov("time_to_event", clip, sigma * sensitivity("time_to_event", clip)))) == pytest.approx(new_sd, rel=0.1)
+    assert np.sqrt(se2(sigma ** 2 * (1 + clip ** 2) * np.eye(2))) == pytest.approx(old_sd, rel=0.1)
 
 
 def test_binary_information_terms_are_bounded_by_a_quarter_so_the_noise_is_smaller():
@@ -125,7 +157,8 @@ def test_binary_information_terms_are_bounded_by_a_quarter_so_the_noise_is_small
     assert info.max() <= 0.25
     assert sensitivity("binary", 1.0) == pytest.approx(np.sqrt(1 + 1 / 16))
     assert sensitivity("binary", 0.1) == pytest.approx(np.sqrt(1.01))
-    assert sensitivity("time_to_event", 0.5) == pytest.approx(np.sqrt(1.25))
+    assert sensitivity("time_to_event", 0.5) == pytest.approx(1.0)  # (O - E, sqrt(3) E): see the test above
+    assert sensitivity("time_to_event", 1.0) == pytest.approx(np.sqrt(2))
     with pytest.raises(ValueError, match="arm-shift-clip"):
         sensitivity("time_to_event", 0.0)
 

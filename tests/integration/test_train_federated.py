@@ -417,15 +417,17 @@ def test_simulation_engine_trains_both_models_with_fedprox_and_early_stopping(tr
     assert entry["arm_effect"]["status"] == "fitted" and entry["arm_effect"]["sites"] == 3
     assert ensemble.arm_shift is not None and entry["arm_effect"]["log_effect"] == pytest.approx(
         ensemble.arm_shift[1] - ensemble.arm_shift[0])
-    # its standard error counts the sampling and the three sites' query noise (each sum's noise sd is public):
-    # recomputed from the noised sums and noise multipliers the sites kept
-    from evoclone.federated.arm_shift import effect_se, sensitivity
+    # its standard error counts the sampling and the three sites' query noise (public: the noise multiplier times
+    # the sensitivity, through the release's map): recomputed from the noised sums and noise multipliers the
+    # sites kept
+    from evoclone.federated.arm_shift import effect_se, noise_cov, sensitivity
 
     kept = [json.loads(p.read_text()) for p in opts.study_dir.rglob("*.arm-shift.json")]
     assert len(kept) == 3
     total = np.sum([k["sums"] for k in kept], axis=0)
-    noise_var = sum((k["charge"]["noise_multiplier"] * sensitivity("time_to_event", 0.5)) ** 2 for k in kept)
-    assert entry["arm_effect"]["se"] == pytest.approx(effect_se("time_to_event", total, noise_var), rel=1e-9)
+    noise = sum(noise_cov("time_to_event", 0.5, k["charge"]["noise_multiplier"] * sensitivity("time_to_event", 0.5))
+                for k in kept)
+    assert entry["arm_effect"]["se"] == pytest.approx(effect_se("time_to_event", total, noise), rel=1e-9)
     assert entry["arm_effect"]["se"] > effect_se("time_to_event", total)
     for s in summary["sites"]:  # two models, three rounds each, half the budget each, and the fusion arm query
         ledger = _ledger(opts.study_dir / "sites" / s["name"])
