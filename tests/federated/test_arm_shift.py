@@ -146,9 +146,10 @@ def test_the_time_to_event_release_noises_the_log_effect_far_less_than_independe
     new_sd, old_sd = log_hr(draws).std(), log_hr(independent).std()
     assert new_sd < 0.6 * old_sd
     # and the coordinator's standard error predicts it: the sampling part removed, the noise part is the spread
-    se2 = lambda cov: effect_se("time_to_event", base, cov) ** 2 - effect_se("time_to_event", base) ** 2  # noqa
-    assert np.sqrt(se2(noise_cov("time_to_event", clip, sigma * sensitivity("time_to_event", clip)))) == pytest.approx(new_sd, rel=0.1)
-    assert np.sqrt(se2(sigma ** 2 * (1 + clip ** 2) * np.eye(2))) == pytest.approx(old_sd, rel=0.1)
+    noise_sd = lambda cov: np.sqrt(effect_se("time_to_event", base, cov) ** 2  # noqa: E731
+                                   - effect_se("time_to_event", base) ** 2)
+    assert noise_sd(noise_cov("time_to_event", clip, sigma)) == pytest.approx(new_sd, rel=0.1)  # sensitivity 1
+    assert noise_sd(sigma ** 2 * (1 + clip ** 2) * np.eye(2)) == pytest.approx(old_sd, rel=0.1)
 
 
 def test_binary_information_terms_are_bounded_by_a_quarter_so_the_noise_is_smaller():
