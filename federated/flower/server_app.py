@@ -444,9 +444,7 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
         if status == STATUS_OK:
             answer = msg.content.config_records["arm-shift"]
             total += np.asarray(json.loads(str(answer["sums"])), dtype=float)
-            # each arm's (a, b) noise covariance; a site that sends only its sd noised the sums independently
-            noise += (np.asarray(json.loads(str(answer["noise-cov"])), dtype=float) if "noise-cov" in answer
-                      else float(answer.get("noise-sd", 0.0)) ** 2 * np.eye(2))
+            noise += arm_noise_cov(answer)
         else:
             entry["reason"] = str(site.get("reason", ""))
         participation.append(entry)
@@ -459,6 +457,14 @@ def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, m
         return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
     return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0],
             "se": effect_se(str(rc["endpoint"]), total, noise)}
+
+
+def arm_noise_cov(answer) -> np.ndarray:
+    """The covariance of the noise on each arm's (a, b) sums in a site's arm-shift answer; a site that sends only
+    its noise sd (an EvoClone release before 2026-11-30) noised the sums independently."""
+    if "noise-cov" in answer:
+        return np.asarray(json.loads(str(answer["noise-cov"])), dtype=float).reshape(2, 2)
+    return float(answer.get("noise-sd", 0.0)) ** 2 * np.eye(2)
 
 
 def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None = None, timeout: float = 0.0,
