@@ -118,8 +118,7 @@ def _decompose(fed_dir: Path, study_dir: Path, cohort: Path, cols, fed_hr: float
             data = pickle.load(f)  # noqa: S301 (this bench's own site, written by its ClientApp)
         asked += arm_sums(ensemble, concat([data["train"], data["val"]]), clip=clip)
         kept = json.loads(next((site / "flower-updates").glob("*.arm-shift.json")).read_text())
-        sigma = kept["charge"]["noise_multiplier"]  # (sums kept before 2026-11-30 were noised independently)
-        cov += np.asarray(kept["noise_cov"]) if "noise_cov" in kept else sigma ** 2 * (1 + clip ** 2) * np.eye(2)
+        cov += np.asarray(kept["noise_cov"])
     same = estimate("time_to_event", asked)
     if noised is None or exact is None or cut is None or same is None:
         return {"decompose": "no arm effect to compare"}

@@ -1,4 +1,5 @@
-"""The site's answer to the post-training arm-effect query (federated.arm_shift), charged to its ledger once.
+"""The post-training arm-effect query (federated.arm_shift): the site's answer, charged to its ledger once, and
+the coordinator's question and estimate from the answers.
 
 The final model's per-arm sums over the site's patients with the endpoint (training and
 validation splits): observed and expected events, or score and information; each patient's
@@ -16,12 +17,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from .common import STATUS_OK, STATUS_REFUSED, run_key
-from .packing import unpack
+from .packing import layout_of, pack, unpack
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from .server_app import Study
 
 ARM_SHIFT_ROUND = 0  # the ledger's (run, round) key of the query: training rounds count from 1
 
@@ -125,3 +132,51 @@ def _reply(msg: Message, node: dict, ledger, *, sums: list[float] | None = None,
         content["arm-shift"] = ConfigRecord({"sums": json.dumps(sums), "noise-sd": float(noise_sd),
                                              "noise-cov": json.dumps(noise_cov)})
     return Message(content=content, reply_to=msg)
+
+
+def ask(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, min_nodes: int) -> dict:
+    """Per-arm gammas of the final model from the sites' noised sums (observed and expected events, or score and
+    information; federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what
+    happened. The coordinator's side of the query; `answer` is the site's."""
+    from ..arm_shift import effect_se, estimate
+    from .server_app import _reply_records, _site_name, ask_sites
+
+    cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
+                        "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
+    replies = ask_sites(grid, {"arrays": pack(tensors), "config": cfg}, message_type=MessageType.QUERY,
+                        timeout=timeout)
+    participation, total, noise = [], np.zeros(4), np.zeros((2, 2))
+    for msg in replies:
+        if msg.has_error():
+            participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
+            continue
+        site, privacy, m = _reply_records(msg)
+        name, status = _site_name(msg), str(site.get("status", ""))
+        if name in study.sites:
+            study.sites[name]["epsilon_spent"] = float(m.get("epsilon", study.sites[name]["epsilon_spent"]))
+        entry = {"site": name, "status": status, "epsilon_spent": float(m.get("epsilon", 0.0)),
+                 "epsilon_budget": privacy.get("epsilon-budget")}
+        if status == STATUS_OK:
+            answer = msg.content.config_records["arm-shift"]
+            total += np.asarray(json.loads(str(answer["sums"])), dtype=float)
+            noise += arm_noise_cov(answer)
+        else:
+            entry["reason"] = str(site.get("reason", ""))
+        participation.append(entry)
+    ok = sum(p["status"] == STATUS_OK for p in participation)
+    doc = {"participation": sorted(participation, key=lambda p: p["site"]), "sites": ok}
+    if ok < min_nodes:
+        return {**doc, "status": "skipped", "reason": f"only {ok} sites answered, fewer than min-nodes {min_nodes}"}
+    step = estimate(str(rc["endpoint"]), total)
+    if step is None:
+        return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
+    return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0],
+            "se": effect_se(str(rc["endpoint"]), total, noise)}
+
+
+def arm_noise_cov(answer) -> np.ndarray:
+    """The covariance of the noise on each arm's (a, b) sums in a site's arm-shift answer; a site that sends only
+    its noise sd (an EvoClone release before 2026-11-30) noised the sums independently."""
+    if "noise-cov" in answer:
+        return np.asarray(json.loads(str(answer["noise-cov"])), dtype=float).reshape(2, 2)
+    return float(answer.get("noise-sd", 0.0)) ** 2 * np.eye(2)

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -420,53 +419,6 @@ def _stalled(rounds: list[dict], patience: int, min_delta: float) -> bool:
     return min(losses[-patience:]) > best_before - min_delta
 
 
-def _arm_shift(study: Study, grid: Grid, rc, tensors: dict, *, timeout: float, min_nodes: int) -> dict:
-    """Per-arm gammas of the final model from the sites' noised sums (observed and expected events, or score and
-    information; federated.arm_shift); each site charges the query to its ledger. {"status": ...} says what
-    happened."""
-    from ..arm_shift import effect_se, estimate
-
-    cfg = ConfigRecord({"phase": "arm-shift", "vocabulary": json.dumps(study.vocabulary),
-                        "layout": layout_of(tensors), "clip": float(rc.get("arm-shift-clip", 0.5))})
-    replies = ask_sites(grid, {"arrays": pack(tensors), "config": cfg}, message_type=MessageType.QUERY,
-                        timeout=timeout)
-    participation, total, noise = [], np.zeros(4), np.zeros((2, 2))
-    for msg in replies:
-        if msg.has_error():
-            participation.append({"site": _site_name(msg), "status": "error", "reason": msg.error.reason})
-            continue
-        site, privacy, m = _reply_records(msg)
-        name, status = _site_name(msg), str(site.get("status", ""))
-        if name in study.sites:
-            study.sites[name]["epsilon_spent"] = float(m.get("epsilon", study.sites[name]["epsilon_spent"]))
-        entry = {"site": name, "status": status, "epsilon_spent": float(m.get("epsilon", 0.0)),
-                 "epsilon_budget": privacy.get("epsilon-budget")}
-        if status == STATUS_OK:
-            answer = msg.content.config_records["arm-shift"]
-            total += np.asarray(json.loads(str(answer["sums"])), dtype=float)
-            noise += arm_noise_cov(answer)
-        else:
-            entry["reason"] = str(site.get("reason", ""))
-        participation.append(entry)
-    ok = sum(p["status"] == STATUS_OK for p in participation)
-    doc = {"participation": sorted(participation, key=lambda p: p["site"]), "sites": ok}
-    if ok < min_nodes:
-        return {**doc, "status": "skipped", "reason": f"only {ok} sites answered, fewer than min-nodes {min_nodes}"}
-    step = estimate(str(rc["endpoint"]), total)
-    if step is None:
-        return {**doc, "status": "skipped", "reason": "too little information in an arm (few events or patients)"}
-    return {**doc, "status": "fitted", "control": step[0], "treatment": step[1], "log_effect": step[1] - step[0],
-            "se": effect_se(str(rc["endpoint"]), total, noise)}
-
-
-def arm_noise_cov(answer) -> np.ndarray:
-    """The covariance of the noise on each arm's (a, b) sums in a site's arm-shift answer; a site that sends only
-    its noise sd (an EvoClone release before 2026-11-30) noised the sums independently."""
-    if "noise-cov" in answer:
-        return np.asarray(json.loads(str(answer["noise-cov"])), dtype=float).reshape(2, 2)
-    return float(answer.get("noise-sd", 0.0)) ** 2 * np.eye(2)
-
-
 def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None = None, timeout: float = 0.0,
             min_nodes: int = 1) -> None:
     """Copy the best round (lowest federated validation loss) to <out>/model with its lineage; for fusion
@@ -480,7 +432,9 @@ def _finish(study: Study, task, rc, ev: dict, *, metric: str, grid: Grid | None 
     tensors, _, vocab = load_component(study.round_dir(best["round"]), task.component)
     arm = None
     if grid is not None and query_share(task.name, rc) > 0:
-        arm = _arm_shift(study, grid, rc, tensors, timeout=timeout, min_nodes=min_nodes)
+        from .arm_query import ask
+
+        arm = ask(study, grid, rc, tensors, timeout=timeout, min_nodes=min_nodes)
         study.arm_shift = arm
         study.persist()
     model_dir = study.out / "model"

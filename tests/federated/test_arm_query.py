@@ -87,7 +87,7 @@ def test_the_site_answers_once_with_the_release_noise_and_keeps_the_answer(tmp_p
 def test_the_coordinator_reads_the_noise_covariance_or_an_older_sites_independent_sd():
     from flwr.app import ConfigRecord
 
-    from evoclone.federated.flower.server_app import arm_noise_cov
+    from evoclone.federated.flower.arm_query import arm_noise_cov
 
     cov = [[9.0, 2.25], [2.25, 2.25]]
     assert arm_noise_cov(ConfigRecord({"sums": "[]", "noise-sd": 3.0, "noise-cov": json.dumps(cov)})) == \
