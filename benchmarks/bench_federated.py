@@ -2,7 +2,8 @@
 
 1. round-wall: 3 sites on loopback (deployment engine: SuperLink, TLS, one SuperNode process
    per site): each round's wall time against the slowest site's local training time in that
-   round (reported by the sites). Target: <= 1.3x.
+   round (reported by the sites), with `evoclone train`'s own schedule (batch 32, 2 local
+   epochs a round). Target: <= 1.3x.
 2. scale: 100 simulated sites x 5 rounds on Flower's simulation engine. Target: <= 15 min
    on 2 cores.
 3. accuracy: non-IID simulated hospitals, and GBSG2 (a real trial, lifelines) split into
@@ -17,11 +18,13 @@
    replays a run to compare others.
 
     python benchmarks/bench_federated.py --what accuracy --json bench-out/federated.json
+    python benchmarks/bench_federated.py --what round-wall --patients 12000 --rounds 4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -232,16 +235,24 @@ def accuracy(args) -> dict:
     return out
 
 
-# Each target's schedule where the command line leaves it open. Round wall: the settings of its earlier
-# measurements, so they stay comparable. Accuracy: DP-SGD does better with large batches, a higher learning
-# rate and more rounds at the same epsilon (fewer, less noisy steps; docs/benchmarks.md, 2026-11-30).
-DEFAULTS = {"round-wall": {"rounds": 5, "batch": 128, "lr": 5e-3},
-            "scale": {"lr": 5e-3},  # its own --scale-batch and 5 rounds
-            "accuracy": {"rounds": 10, "batch": 256, "lr": 2e-2}}
+def _train_defaults() -> dict:
+    """`evoclone train`'s own schedule (TrainOptions' defaults): what a sponsor's rounds run unless told otherwise."""
+    d = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    return {"batch": d["batch_size"], "lr": d["learning_rate"], "local_epochs": d["local_epochs"]}
+
+
+# Each target's schedule where the command line leaves it open. Round wall: `evoclone train`'s defaults, the
+# rounds its users get (until 2026-11-30 it ran batch 128, lr 5e-3, 3 local epochs: 4 times fewer, larger steps;
+# pass those flags to compare with the older figures). Scale: its earlier measurements' settings. Accuracy: DP-SGD
+# does better with large batches, a higher learning rate and more rounds at the same epsilon (fewer, less noisy
+# steps; docs/benchmarks.md, 2026-11-30).
+DEFAULTS = {"round-wall": {"rounds": 5, **_train_defaults()},
+            "scale": {"lr": 5e-3, "local_epochs": 3},  # its own --scale-batch and 5 rounds
+            "accuracy": {"rounds": 10, "batch": 256, "lr": 2e-2, "local_epochs": 3}}
 
 
 def with_defaults(args: argparse.Namespace, what: str) -> argparse.Namespace:
-    """`args` with the target's own rounds, batch and learning rate where none was given."""
+    """`args` with the target's own rounds, batch, learning rate and local epochs where none was given."""
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None}})
 
 
@@ -253,15 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default: round-wall 5, accuracy 10)")
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=None,
-                    help="DP batch size on simulator sites (default: round-wall 128, accuracy 256)")
+                    help="DP batch size on simulator sites (default: round-wall `evoclone train`'s 32, accuracy 256)")
     ap.add_argument("--gbsg2-batch", type=int, default=64, help="DP batch size on GBSG2 (about 150 patients a site)")
     ap.add_argument("--gbsg2-lr", type=float, default=5e-3,
                     help="learning rate on GBSG2 (at 2e-2 over 10 rounds one run of three diverged, 2026-11-30)")
     ap.add_argument("--gbsg2-rounds", type=int, default=15,
                     help="rounds on GBSG2 (15 of one local epoch beat 5 of three on the same six splits, 2026-11-30)")
     ap.add_argument("--gbsg2-local-epochs", type=int, default=1, help="local epochs a round on GBSG2")
-    ap.add_argument("--local-epochs", type=int, default=3, help="local epochs a round (simulator and round wall)")
-    ap.add_argument("--lr", type=float, default=None, help="local learning rate (default: round-wall 5e-3, accuracy 2e-2)")
+    ap.add_argument("--local-epochs", type=int, default=None,
+                    help="local epochs a round on simulator sites (default: round-wall `evoclone train`'s 2, others 3)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="local learning rate (default: round-wall `evoclone train`'s 3e-3, accuracy 2e-2)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
     ap.add_argument("--accountant", choices=("rdp", "prv"), default="rdp", help="the sites' Opacus accountant")
     ap.add_argument("--strategy", default="fedavg")
