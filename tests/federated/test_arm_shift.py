@@ -122,7 +122,8 @@ def test_a_patient_moves_the_release_by_at_most_the_sensitivity_and_the_noise_ha
         keep = np.arange(len(arrays["static"])) != i
         diff = np.abs(released(base) - released(arm_sums(ens, {k: v[keep] for k, v in arrays.items()}, clip=clip)))
         moves.append(np.linalg.norm(diff))
-        assert np.count_nonzero(diff > 1e-12) <= 2
+        # the other arm's pair moves only by float rounding (the network scores a batch one patient shorter)
+        assert np.count_nonzero(diff > 1e-6) <= 2
     assert max(moves) <= sensitivity(endpoint, clip) + 1e-9
     rng = np.random.default_rng(0)
     draws = np.array([noised_sums(ens, arrays, clip=clip, noise_multiplier=3.0, rng=rng) for _ in range(2000)])
