@@ -238,7 +238,7 @@ def accuracy(args) -> dict:
 def _train_defaults() -> dict:
     """`evoclone train`'s own schedule (TrainOptions' defaults): what a sponsor's rounds run unless told otherwise."""
     d = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
-    return {"batch": d["batch_size"], "lr": d["learning_rate"], "local_epochs": d["local_epochs"]}
+    return {"rounds": d["rounds"], "batch": d["batch_size"], "lr": d["learning_rate"], "local_epochs": d["local_epochs"]}
 
 
 # Each target's schedule where the command line leaves it open. Round wall: `evoclone train`'s defaults, the
@@ -246,7 +246,7 @@ def _train_defaults() -> dict:
 # pass those flags to compare with the older figures). Scale: its earlier measurements' settings. Accuracy: DP-SGD
 # does better with large batches, a higher learning rate and more rounds at the same epsilon (fewer, less noisy
 # steps; docs/benchmarks.md, 2026-11-30).
-DEFAULTS = {"round-wall": {"rounds": 5, **_train_defaults()},
+DEFAULTS = {"round-wall": _train_defaults(),
             "scale": {"lr": 5e-3, "local_epochs": 3},  # its own --scale-batch and 5 rounds
             "accuracy": {"rounds": 10, "batch": 256, "lr": 2e-2, "local_epochs": 3}}
 
@@ -256,15 +256,20 @@ def with_defaults(args: argparse.Namespace, what: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None}})
 
 
+def _default_help(key: str) -> str:
+    """The per-target defaults of one schedule setting, for --help (read from DEFAULTS, so it cannot go stale)."""
+    return "(default: " + ", ".join(f"{what} {d[key]:g}" for what, d in DEFAULTS.items() if key in d) + ")"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--what", choices=("round-wall", "scale", "accuracy", "all"), default="all")
     ap.add_argument("--patients", type=int, default=3000)
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: round-wall 5, accuracy 10)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds " + _default_help("rounds"))
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=None,
-                    help="DP batch size on simulator sites (default: round-wall `evoclone train`'s 32, accuracy 256)")
+                    help="DP batch size on simulator sites " + _default_help("batch"))
     ap.add_argument("--gbsg2-batch", type=int, default=64, help="DP batch size on GBSG2 (about 150 patients a site)")
     ap.add_argument("--gbsg2-lr", type=float, default=5e-3,
                     help="learning rate on GBSG2 (at 2e-2 over 10 rounds one run of three diverged, 2026-11-30)")
@@ -272,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds on GBSG2 (15 of one local epoch beat 5 of three on the same six splits, 2026-11-30)")
     ap.add_argument("--gbsg2-local-epochs", type=int, default=1, help="local epochs a round on GBSG2")
     ap.add_argument("--local-epochs", type=int, default=None,
-                    help="local epochs a round on simulator sites (default: round-wall `evoclone train`'s 2, others 3)")
+                    help="local epochs a round on simulator sites " + _default_help("local_epochs"))
     ap.add_argument("--lr", type=float, default=None,
-                    help="local learning rate (default: round-wall `evoclone train`'s 3e-3, accuracy 2e-2)")
+                    help="local learning rate " + _default_help("lr"))
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
     ap.add_argument("--accountant", choices=("rdp", "prv"), default="rdp", help="the sites' Opacus accountant")
     ap.add_argument("--strategy", default="fedavg")
